@@ -1,0 +1,422 @@
+"""MergeConfig: a merge recipe in mergekit's YAML format, in and out, with validation.
+
+One YAML document is one `MergeConfig`; a file of several documents (separated by
+`---`, each with a `name`) is a `MultiStageConfig` whose stages run in dependency
+order. `MergeConfig.from_yaml` returns whichever the text holds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from . import parameters as params_mod
+from .errors import MergeError
+from .methods import METHODS, get_method
+
+TOP_LEVEL_KEYS = ("name", "merge_method", "base_model", "models", "slices", "parameters",
+                  "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64",
+}
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _numbers_from_strings(value: Any) -> Any:
+    """YAML 1.1 reads 1e-3 as a string; parameter values mean numbers, so convert them."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers_from_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (_numbers_from_strings(v) if k == "value" else v) for k, v in value.items()}
+    return value
+
+
+def _parameter_dict(raw: Any, where: str) -> Optional[dict]:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise MergeError(f"parameters{where} must be a mapping of name to value, got {raw!r}")
+    return {str(k): _numbers_from_strings(v) for k, v in raw.items()}
+
+
+def _model_name(raw: Any, where: str) -> str:
+    """A model reference: a local folder, a hub id `org/name[@revision]`, or a stage name."""
+    if isinstance(raw, dict) and "model" in raw:  # mergekit's expanded form
+        inner = raw["model"]
+        if isinstance(inner, dict):
+            path, revision = inner.get("path"), inner.get("revision")
+            raw = f"{path}@{revision}" if revision else path
+        else:
+            raw = inner
+    if not isinstance(raw, str) or not raw.strip():
+        raise MergeError(f"model{where} must be a path or hub id, got {raw!r}")
+    return raw.strip()
+
+
+@dataclass
+class InputModel:
+    model: str
+    parameters: Optional[dict] = None
+
+
+@dataclass
+class SliceSource:
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Optional[dict] = None
+
+
+@dataclass
+class OutputSlice:
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    parameters: Optional[dict] = None
+
+
+@dataclass
+class MergeConfig:
+    """One merge: `models` (all layers) or `slices` (layer ranges), a method, parameters."""
+
+    merge_method: str
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    base_model: Optional[str] = None
+    parameters: Optional[dict] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[dict] = None
+    chat_template: Optional[str] = None
+    name: Optional[str] = None
+    warnings: list[str] = field(default_factory=list, repr=False, compare=False)
+
+    # ---- reading -----------------------------------------------------------------
+    @staticmethod
+    def from_yaml(text_or_path: Union[str, os.PathLike]) -> Union["MergeConfig", "MultiStageConfig"]:
+        """Parse mergekit YAML from text or a file path (several documents: multi-stage)."""
+        text = _read_text(text_or_path)
+        try:
+            documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark else ""
+            raise MergeError(f"the config is not valid YAML{line}: {getattr(error, 'problem', error)}") from None
+        if not documents:
+            raise MergeError("the config is empty")
+        configs = [MergeConfig.from_dict(d, where=_doc_label(i, len(documents)))
+                   for i, d in enumerate(documents)]
+        if len(configs) == 1:
+            return configs[0]
+        return MultiStageConfig(configs)
+
+    @staticmethod
+    def from_dict(data: Any, where: str = "") -> "MergeConfig":
+        if not isinstance(data, dict):
+            raise MergeError(f"the config{where} must be a mapping, got {type(data).__name__}")
+        unknown = [k for k in data if k not in TOP_LEVEL_KEYS]
+        for key in unknown:
+            if key == "modules":
+                raise MergeError(f"'modules' configs{where} are not supported; use 'models' or 'slices'")
+            close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise MergeError(f"unknown key '{key}'{where}{hint}")
+        if "merge_method" not in data:
+            raise MergeError(f"the config{where} has no merge_method")
+        method = data["merge_method"]
+        if not isinstance(method, str):
+            raise MergeError(f"merge_method{where} must be a name, got {method!r}")
+        has_models, has_slices = bool(data.get("models")), bool(data.get("slices"))
+        if has_models == has_slices:
+            raise MergeError(f"the config{where} needs exactly one of 'models' or 'slices'")
+
+        models = slices = None
+        if has_models:
+            if not isinstance(data["models"], list):
+                raise MergeError(f"models{where} must be a list")
+            models = [_input_model(entry, f"{where} (models[{i}])") for i, entry in enumerate(data["models"])]
+        else:
+            if not isinstance(data["slices"], list):
+                raise MergeError(f"slices{where} must be a list")
+            slices = [_output_slice(entry, f"{where} (slices[{i}])") for i, entry in enumerate(data["slices"])]
+
+        config = MergeConfig(
+            merge_method=method,
+            models=models,
+            slices=slices,
+            base_model=_model_name(data["base_model"], f" of base_model{where}") if data.get("base_model") else None,
+            parameters=_parameter_dict(data.get("parameters"), where),
+            dtype=_dtype(data.get("dtype"), "dtype", where),
+            out_dtype=_dtype(data.get("out_dtype"), "out_dtype", where),
+            tokenizer_source=_tokenizer_source(data.get("tokenizer_source"), where),
+            tokenizer=data.get("tokenizer"),
+            chat_template=data.get("chat_template"),
+            name=str(data["name"]) if data.get("name") is not None else None,
+        )
+        if config.tokenizer is not None and config.tokenizer_source is not None:
+            raise MergeError(f"give either tokenizer_source or tokenizer{where}, not both")
+        config.check(where)
+        return config
+
+    # ---- checks that need no model files ------------------------------------------
+    def check(self, where: str = "") -> None:
+        """Method, parameter names, types and ranges; structural rules of the method."""
+        method = get_method(self.merge_method)
+        self.warnings = []
+        known_anywhere = {p.name for m in METHODS.values() for p in m.parameters}
+        for label, scope in self.parameter_scopes():
+            for name, setting in scope.items():
+                parameter = method.parameter(name)
+                if parameter is None:
+                    if name in known_anywhere:
+                        self.warnings.append(f"{self.merge_method} ignores parameter '{name}'{label}")
+                        continue
+                    close = difflib.get_close_matches(name, [p.name for p in method.parameters], n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise MergeError(f"{self.merge_method} has no parameter '{name}'{label}{where}{hint}")
+                for value in params_mod.leaf_values(setting):
+                    if value is None:
+                        continue
+                    coerced = parameter.coerce(value, f"{label}{where}")
+                    parameter.check_range(coerced, f"{label}{where}")
+                if isinstance(setting, (list, dict)) and params_mod.is_conditional(setting):
+                    entries = setting if isinstance(setting, list) else [setting]
+                    for entry in entries:
+                        if not isinstance(entry, dict) or "value" not in entry:
+                            raise MergeError(f"each filtered entry of '{name}'{label}{where} needs a 'value'")
+        if self.slices:
+            for index, output_slice in enumerate(self.slices):
+                self._check_inputs(method, [s.model for s in output_slice.sources],
+                                   output_slice.base_model or self.base_model, f"{where} (slices[{index}])")
+        else:
+            self._check_inputs(method, [m.model for m in self.models], self.base_model, where)
+
+    def _check_inputs(self, method, models: list[str], base: Optional[str], where: str) -> None:
+        if len(set(models)) != len(models):
+            duplicate = next(m for m in models if models.count(m) > 1)
+            raise MergeError(f"model '{duplicate}' is listed twice{where}")
+        if method.base == "required" and not base:
+            raise MergeError(f"{method.name} needs a base_model{where}")
+        inputs = list(models)
+        if base and base not in inputs and self.models is not None:
+            inputs.append(base)  # mergekit adds the base to the inputs of a 'models' merge
+        if base and base not in inputs:
+            if method.base != "ignored":
+                raise MergeError(f"base_model '{base}' is not among the slice's sources{where}")
+        count = len(inputs) - (1 if (base and method.base != "ignored" and base in inputs) else 0)
+        what = "models besides the base" if method.base != "ignored" else "input models"
+        if count < method.min_models:
+            raise MergeError(f"{method.name} needs at least {method.min_models} {what}{where}, got {count}")
+        if method.max_models is not None and count > method.max_models:
+            exactly = "exactly" if method.max_models == method.min_models else "at most"
+            raise MergeError(f"{method.name} takes {exactly} {method.max_models} {what}{where}, got {count}")
+
+    def parameter_scopes(self):
+        """(label, dict) for every parameters block in the config."""
+        if self.parameters:
+            yield "", self.parameters
+        for model in self.models or []:
+            if model.parameters:
+                yield f" of model '{model.model}'", model.parameters
+        for index, output_slice in enumerate(self.slices or []):
+            if output_slice.parameters:
+                yield f" of slices[{index}]", output_slice.parameters
+            for source in output_slice.sources:
+                if source.parameters:
+                    yield f" of slices[{index}] source '{source.model}'", source.parameters
+
+    # ---- facts -------------------------------------------------------------------
+    @property
+    def method(self):
+        return get_method(self.merge_method)
+
+    def referenced_models(self) -> list[str]:
+        """Every model the config names, base first, each once, in order of appearance."""
+        names = [self.base_model] if self.base_model else []
+        for model in self.models or []:
+            names.append(model.model)
+        for output_slice in self.slices or []:
+            if output_slice.base_model:
+                names.append(output_slice.base_model)
+            names.extend(s.model for s in output_slice.sources)
+        return list(dict.fromkeys(names))
+
+    # ---- writing -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data: dict[str, Any] = {}
+        if self.name is not None:
+            data["name"] = self.name
+        if self.models is not None:
+            data["models"] = [_drop_none({"model": m.model, "parameters": m.parameters}) for m in self.models]
+        if self.slices is not None:
+            data["slices"] = [_drop_none({
+                "sources": [_drop_none({"model": s.model, "layer_range": list(s.layer_range),
+                                        "parameters": s.parameters}) for s in sl.sources],
+                "base_model": sl.base_model, "parameters": sl.parameters}) for sl in self.slices]
+        data["merge_method"] = self.merge_method
+        for key in ("base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                    "tokenizer", "chat_template"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False).rstrip() + "\n"
+
+
+@dataclass
+class MultiStageConfig:
+    """Several named merges in one file; later stages may use earlier names as models."""
+
+    stages: list[MergeConfig]
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        for index, stage in enumerate(self.stages[:-1]):
+            if not stage.name:
+                raise MergeError(f"document {index + 1} of the multi-stage config has no 'name'")
+        if len(set(n for n in names if n)) != len([n for n in names if n]):
+            raise MergeError("two stages of the multi-stage config have the same name")
+        self.order()  # cycles and unreachable stages fail now, not after hours of merging
+
+    @property
+    def final(self) -> MergeConfig:
+        return self.stages[-1]
+
+    def dependencies(self, stage: MergeConfig) -> list[str]:
+        names = {s.name for s in self.stages if s.name}
+        return [m for m in stage.referenced_models() if m in names and m != stage.name]
+
+    def order(self) -> list[MergeConfig]:
+        """Stages in dependency order: each after the stages it uses."""
+        by_name = {s.name: s for s in self.stages if s.name}
+        ordered, state = [], {}
+
+        def visit(stage: MergeConfig, chain: list[str]):
+            key = id(stage)
+            if state.get(key) == "done":
+                return
+            if state.get(key) == "visiting":
+                raise MergeError(f"stages depend on each other in a cycle: {' -> '.join(chain)}")
+            state[key] = "visiting"
+            for dependency in self.dependencies(stage):
+                visit(by_name[dependency], chain + [dependency])
+            state[key] = "done"
+            ordered.append(stage)
+
+        for stage in self.stages:
+            visit(stage, [stage.name or "final"])
+        return ordered
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for s in self.stages for w in s.warnings]
+
+    def to_yaml(self) -> str:
+        return "---\n".join(stage.to_yaml() for stage in self.stages)
+
+
+def load_config(source: Union[str, os.PathLike, MergeConfig, "MultiStageConfig", dict]):
+    """A MergeConfig or MultiStageConfig from YAML text, a path, a dict, or a config."""
+    if isinstance(source, (MergeConfig, MultiStageConfig)):
+        return source
+    if isinstance(source, dict):
+        return MergeConfig.from_dict(source)
+    return MergeConfig.from_yaml(source)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Lists of numbers in flow style ([0, 0.5, 1]), as mergekit writes them."""
+
+
+def _represent_list(dumper, data):
+    flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+_Dumper.add_representer(tuple, _represent_list)
+
+
+def _read_text(text_or_path: Union[str, os.PathLike]) -> str:
+    if isinstance(text_or_path, os.PathLike):
+        path = Path(text_or_path)
+    elif "\n" not in text_or_path and text_or_path.strip().endswith((".yml", ".yaml")):
+        path = Path(text_or_path)
+    else:
+        return text_or_path
+    if not path.is_file():
+        raise MergeError(f"config file '{path}' does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def _doc_label(index: int, count: int) -> str:
+    return f" in document {index + 1}" if count > 1 else ""
+
+
+def _drop_none(data: dict) -> dict:
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _input_model(entry: Any, where: str) -> InputModel:
+    if isinstance(entry, str):
+        return InputModel(entry.strip())
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise MergeError(f"each entry of models{where} needs a 'model'")
+    extra = set(entry) - {"model", "parameters"}
+    if extra:
+        raise MergeError(f"unknown key '{sorted(extra)[0]}' in models entry{where}")
+    return InputModel(_model_name(entry["model"], where), _parameter_dict(entry.get("parameters"), where))
+
+
+def _output_slice(entry: Any, where: str) -> OutputSlice:
+    if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+        raise MergeError(f"each slice{where} needs a non-empty 'sources' list")
+    extra = set(entry) - {"sources", "base_model", "parameters", "residual_weight"}
+    if extra:
+        raise MergeError(f"unknown key '{sorted(extra)[0]}' in slice{where}")
+    sources = []
+    for index, source in enumerate(entry["sources"]):
+        label = f"{where} source {index}"
+        if not isinstance(source, dict) or "model" not in source:
+            raise MergeError(f"each source{label} needs a 'model'")
+        layer_range = source.get("layer_range")
+        if (not isinstance(layer_range, (list, tuple)) or len(layer_range) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)):
+            raise MergeError(f"layer_range{label} must be two integers [start, end], got {layer_range!r}")
+        start, end = layer_range
+        if start < 0 or end <= start:
+            raise MergeError(f"layer_range{label} must satisfy 0 <= start < end, got [{start}, {end}]")
+        sources.append(SliceSource(_model_name(source["model"], label), (start, end),
+                                   _parameter_dict(source.get("parameters"), label)))
+    lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+    if len(lengths) > 1:
+        raise MergeError(f"all sources of a slice must span the same number of layers{where}, "
+                         f"got {sorted(lengths)}")
+    base = _model_name(entry["base_model"], where) if entry.get("base_model") else None
+    return OutputSlice(sources, base, _parameter_dict(entry.get("parameters"), where))
+
+
+def _dtype(value: Any, key: str, where: str) -> Optional[str]:
+    if value is None:
+        return None
+    name = DTYPES.get(str(value).lower())
+    if name is None:
+        raise MergeError(f"{key}{where} must be one of float32, float16, bfloat16, got {value!r}")
+    return name
+
+
+def _tokenizer_source(value: Any, where: str) -> Optional[str]:
+    if value is None:
+        return None
+    return _model_name(value, f" of tokenizer_source{where}")

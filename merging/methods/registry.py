@@ -1,0 +1,177 @@
+"""The method registry: every merge method declares its parameters here, once.
+
+The config validator, the command line's help and the app's controls all read these
+declarations, so adding a method is one module that calls `register`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..errors import MergeError
+
+REQUIRED = object()  # marks a parameter without a default
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One tunable of a method.
+
+    per_model parameters are looked up for every input model (and tensor); global
+    ones once per tensor. `low`/`high` bound numeric values (inclusive); `choices`
+    bound string values.
+    """
+
+    name: str
+    kind: type  # float, int, bool or str
+    default: Any = REQUIRED
+    per_model: bool = False
+    low: Optional[float] = None
+    high: Optional[float] = None
+    choices: Optional[tuple] = None
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Return `value` as this parameter's kind, or raise a MergeError naming it."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            raise MergeError(f"{self.name} must be true or false{where}, got {value!r}")
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise MergeError(f"{self.name} must be a string{where}, got {value!r}")
+            if self.choices and value not in self.choices:
+                raise MergeError(
+                    f"{self.name} must be one of {', '.join(self.choices)}{where}, got {value!r}"
+                )
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise MergeError(f"{self.name} must be a number{where}, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise MergeError(f"{self.name} must be a number{where}, got {value!r}") from None
+        if number != number:
+            raise MergeError(f"{self.name} must be a number{where}, got NaN")
+        return int(number) if self.kind is int else number
+
+    def check_range(self, value: Any, where: str) -> None:
+        if self.kind in (bool, str) or value is None:
+            return
+        if self.low is not None and value < self.low:
+            raise MergeError(f"{self.name}={value:g}{where} is below its minimum {self.low:g}")
+        if self.high is not None and value > self.high:
+            raise MergeError(f"{self.name}={value:g}{where} is above its maximum {self.high:g}")
+
+    def describe(self) -> str:
+        scope = "per model" if self.per_model else "global"
+        default = "required" if self.required else f"default {self.default}"
+        bounds = ""
+        if self.choices:
+            bounds = f", one of {'/'.join(self.choices)}"
+        elif self.low is not None or self.high is not None:
+            low = "-inf" if self.low is None else f"{self.low:g}"
+            high = "inf" if self.high is None else f"{self.high:g}"
+            bounds = f", range [{low}, {high}]"
+        return f"{self.name} ({scope}, {default}{bounds}): {self.help}"
+
+
+@dataclass
+class TensorInputs:
+    """What a method sees for one output tensor.
+
+    `models` are the non-base inputs in config order (float32, same shape); `base` is
+    the base model's tensor or None; `model_params[i]` holds the per-model parameters
+    of models[i]; `params` the global ones. `generator` seeds random methods.
+    """
+
+    models: list[torch.Tensor]
+    base: Optional[torch.Tensor]
+    params: dict
+    model_params: list[dict]
+    generator: Optional[torch.Generator] = None
+    name: str = ""
+
+    def per_model(self, key: str) -> list:
+        return [p[key] for p in self.model_params]
+
+
+# How a method treats the config's base_model.
+BASE_REQUIRED = "required"  # the base is a distinguished input (task vectors, slerp)
+BASE_OPTIONAL = "optional"  # used when given
+BASE_IGNORED = "ignored"  # the base is just one more input model
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: a pure function over tensors plus its declared parameters.
+
+    `min_models`/`max_models` count the inputs that are not the base (for
+    BASE_IGNORED methods: all inputs).
+    """
+
+    name: str
+    summary: str
+    merge: Callable[[TensorInputs], torch.Tensor]
+    parameters: tuple[Parameter, ...] = ()
+    base: str = BASE_IGNORED
+    min_models: int = 1
+    max_models: Optional[int] = None
+    random: bool = False
+    check: Optional[Callable[[dict, list[dict], str], None]] = field(default=None)
+    reference: str = ""
+
+    def parameter(self, name: str) -> Optional[Parameter]:
+        return next((p for p in self.parameters if p.name == name), None)
+
+    @property
+    def global_parameters(self) -> tuple[Parameter, ...]:
+        return tuple(p for p in self.parameters if not p.per_model)
+
+    @property
+    def model_parameters(self) -> tuple[Parameter, ...]:
+        return tuple(p for p in self.parameters if p.per_model)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise MergeError(f"unknown merge_method {name!r}; known methods: {known}") from None
+
+
+def weight_parameter(default: Any = REQUIRED, help: str = "how much this model counts") -> Parameter:
+    return Parameter("weight", float, default, per_model=True, help=help)
+
+
+def describe_methods(names: Sequence[str] | None = None) -> str:
+    """Text for the CLI's help: every method with its parameters."""
+    lines = []
+    for name in names or sorted(METHODS):
+        method = METHODS[name]
+        lines.append(f"  {name}: {method.summary}")
+        for parameter in method.parameters:
+            lines.append(f"      {parameter.describe()}")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""The task-vector family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+One routine serves them all (the table in docs of merge-methods): for each model
+d_i = x_i - b; prune d_i; weight it; optionally elect signs; combine:
+
+    s      = sign(sum_i w_i d~_i)            (0 counts as +, only with a sign vote)
+    m_i    = [sign(w_i d~_i) == s]            (pruned zeros never match)
+    mixed  = sum_i m_i w_i d~_i
+    mixed /= sum_i m_i w_i  (vote) or sum_i w_i (no vote), when `normalize`
+    result = b + lambda * mixed
+
+Weights are applied before the vote, as mergekit does (the TIES paper votes on raw
+task vectors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import MergeError
+from . import sparsify
+from .registry import BASE_REQUIRED, Method, Parameter, TensorInputs, register, weight_parameter
+
+
+@dataclass(frozen=True)
+class Family:
+    pruning: Optional[str]  # None, "magnitude", "random", "outliers", "della"
+    sign_vote: bool
+    normalize: bool
+    rescale: bool
+
+
+def prune(task_vector: torch.Tensor, pruning: Optional[str], params: dict,
+          generator: Optional[torch.Generator], rescale_mode: Optional[str]) -> torch.Tensor:
+    density = params.get("density", 1.0)
+    if pruning is None:
+        return task_vector
+    if pruning == "magnitude":
+        pruned = sparsify.magnitude(task_vector, density)
+    elif pruning == "outliers":
+        pruned = sparsify.magnitude_outliers(task_vector, density, params["gamma"])
+    elif pruning == "random":
+        pruned = sparsify.bernoulli(task_vector, density, generator)
+    elif pruning == "della":
+        pruned = sparsify.della_magprune(task_vector, density, params["epsilon"], generator)
+    else:
+        raise ValueError(pruning)
+    if density >= 1 or pruned is task_vector:
+        return pruned
+    return sparsify.rescale(task_vector, pruned, rescale_mode, density)
+
+
+def sign_mask(weighted: torch.Tensor) -> torch.Tensor:
+    """m_i = [sign(w_i d_i) == s] with s = sign(sum_i w_i d_i), 0 counted as +."""
+    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+    return weighted.sign() == majority
+
+
+def combine(inputs: TensorInputs, family: Family) -> torch.Tensor:
+    base = inputs.base
+    if not inputs.models:
+        return base
+    params = inputs.params
+    rescale_mode = None
+    if params.get("rescale", False):
+        rescale_mode = "inverse_density" if params.get("rescale_mode") == "inverse_density" else "l1"
+    weights = inputs.per_model("weight")
+    weighted = torch.empty((len(inputs.models), *base.shape), dtype=base.dtype, device=base.device)
+    for index, (model, model_params) in enumerate(zip(inputs.models, inputs.model_params)):
+        task_vector = prune(model - base, family.pruning, model_params, inputs.generator, rescale_mode)
+        torch.mul(task_vector, weights[index], out=weighted[index])
+    weight_column = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(
+        (-1,) + (1,) * base.dim())
+    if family.sign_vote:
+        mask = sign_mask(weighted)
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (weight_column * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = weight_column.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if params["normalize"]:
+        mixed /= divisor
+    if params["lambda"] != 1:
+        mixed *= params["lambda"]
+    return base + mixed
+
+
+def _check_della(params: dict, model_params: list[dict], where: str) -> None:
+    for values in model_params:
+        density, epsilon = values["density"], values["epsilon"]
+        if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            raise MergeError(f"della needs 0 < density-epsilon and density+epsilon < 1{where}; "
+                             f"got density={density:g}, epsilon={epsilon:g}")
+
+
+def _family_method(name: str, summary: str, family: Family, reference: str) -> Method:
+    parameters = [
+        weight_parameter(help="scale of this model's task vector"),
+        Parameter("normalize", bool, family.normalize,
+                  help="divide the sum by the total weight (of the sign-agreeing models)"),
+        Parameter("lambda", float, 1.0, help="scale of the combined task vector"),
+    ]
+    if family.pruning is not None:
+        parameters.append(Parameter("density", float, 1.0, per_model=True, low=0.0, high=1.0,
+                                    help="fraction of the task vector's entries kept"))
+    if family.pruning is not None:
+        parameters.append(Parameter("rescale", bool, family.rescale,
+                                    help="rescale kept entries to make up for the pruned ones"))
+        parameters.append(Parameter("rescale_mode", str, "l1", choices=("l1", "inverse_density"),
+                                    help="l1: match the task vector's L1 norm (mergekit); "
+                                         "inverse_density: multiply by 1/density (DARE paper)"))
+    if family.pruning == "outliers":
+        parameters.append(Parameter("gamma", float, 0.01, per_model=True, low=0.0, high=1.0,
+                                    help="fraction of largest entries dropped as outliers"))
+    if family.pruning == "della":
+        parameters.append(Parameter("epsilon", float, 0.15, per_model=True, low=0.0, high=0.5,
+                                    help="spread of keep probabilities around density"))
+    if family.sign_vote:
+        parameters.append(Parameter("int8_mask", bool, False,
+                                    help="accepted for mergekit compatibility; no effect here"))
+    return Method(
+        name, summary, lambda inputs: combine(inputs, family), tuple(parameters),
+        base=BASE_REQUIRED, min_models=1, random=family.pruning in ("random", "della"),
+        check=_check_della if family.pruning == "della" else None, reference=reference)
+
+
+for _name, _summary, _family, _reference in (
+    ("task_arithmetic", "base plus the weighted sum of task vectors",
+     Family(None, False, False, False), "https://arxiv.org/abs/2212.04089"),
+    ("ties", "task vectors pruned to their largest entries, signs elected, then averaged",
+     Family("magnitude", True, True, False), "https://arxiv.org/abs/2306.01708"),
+    ("dare_linear", "task vectors randomly pruned and rescaled, then summed",
+     Family("random", False, False, True), "https://arxiv.org/abs/2311.03099"),
+    ("dare_ties", "task vectors randomly pruned and rescaled, signs elected",
+     Family("random", True, False, True), "https://arxiv.org/abs/2311.03099"),
+    ("breadcrumbs", "task vectors without their largest and smallest entries, summed",
+     Family("outliers", False, False, False), "https://arxiv.org/abs/2312.06795"),
+    ("breadcrumbs_ties", "breadcrumbs pruning with sign election",
+     Family("outliers", True, False, False), "https://arxiv.org/abs/2312.06795"),
+    ("della", "magnitude-aware random pruning (large entries kept more often), signs elected",
+     Family("della", True, True, True), "https://arxiv.org/abs/2406.11617"),
+    ("della_linear", "della pruning without sign election",
+     Family("della", False, False, True), "https://arxiv.org/abs/2406.11617"),
+):
+    register(_family_method(_name, _summary, _family, _reference))
