@@ -1,0 +1,105 @@
+"""Command line: python -m merging CONFIG.yml OUT_DIR [options]."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+from .errors import MergeError
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+         "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500M', '2GiB' or a byte count."""
+    match = SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 5GB, 500MB or 1000000")
+    unit = (match[2] or "").lower().rstrip("b")
+    return int(float(match[1]) * UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import describe_methods
+
+    parser = argparse.ArgumentParser(
+        prog="python -m merging",
+        description="Merge models from a mergekit YAML config into a Hugging Face model folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="merge methods and their parameters:\n" + describe_methods())
+    parser.add_argument("config", help="mergekit YAML config (several documents: a multi-stage merge)")
+    parser.add_argument("out_dir", help="folder to write the merged model to")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to do the arithmetic (auto: CUDA when present)")
+    parser.add_argument("--out-shard-size", type=parse_size, default="5GB",
+                        help="largest output shard, e.g. 2GB (default 5GB)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA)")
+    parser.add_argument("--intermediate-dir", help="keep the outputs of earlier stages here")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything and print the plan without merging")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it exists (only once the merge has succeeded)")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except MergeError as error:
+        if args.verbose:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from .config import MultiStageConfig, load_config
+    from .pipeline import merge, plan_stages
+    from .plan import format_bytes
+    from .writer import check_output_folder
+
+    config = load_config(args.config)
+    if not args.dry_run:
+        check_output_folder(__import__("pathlib").Path(args.out_dir), args.overwrite)
+    plans = plan_stages(config, download_weights=not args.dry_run)
+    for plan in plans:
+        if isinstance(config, MultiStageConfig):
+            print(f"stage {plan.config.name or 'final'}:", file=sys.stderr)
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        for plan in plans:
+            header = f"== stage {plan.config.name or 'final'} ==\n" if len(plans) > 1 else ""
+            print(header + plan.summary())
+        print(f"dry run: all checks passed; nothing was written to {args.out_dir}")
+        return 0
+
+    total = sum(len(plan.tasks) for plan in plans)
+    started = time.perf_counter()
+    with tqdm(total=total, unit="tensor", desc="merging", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(done, count, name):
+            bar.update(1)
+
+        merge(config, args.out_dir, device=args.device, progress=progress, seed=args.seed,
+              out_shard_size=args.out_shard_size, intermediate_dir=args.intermediate_dir,
+              overwrite=args.overwrite, plans=plans)
+    size = sum(plan.output_bytes for plan in plans[-1:])
+    print(f"wrote {args.out_dir} ({format_bytes(size)}) in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

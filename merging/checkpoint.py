@@ -1,0 +1,269 @@
+"""Reading models tensor by tensor: local folders and Hugging Face hub snapshots.
+
+Safetensors files are memory-mapped and read one tensor at a time; the pages of a
+tensor are handed back to the kernel once it has been used, so resident memory stays
+at the tensors in flight, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import MergeError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# The files a merge needs from a hub repo: config, weights, tokenizer. Not .bin/.gguf/onnx.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "merges.txt", "vocab.txt",
+                "*.jinja", "*.tiktoken"]
+HUB_SMALL_PATTERNS = [p for p in HUB_PATTERNS if p != "*.safetensors"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file and byte range, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Optional[Path] = None
+    start: int = 0
+    end: int = 0
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header: 8-byte little-endian length, then JSON."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as error:
+        raise MergeError(f"'{path}' is not a readable safetensors file ({error})") from None
+    data_start = 8 + length
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise MergeError(f"tensor '{name}' in '{path}' has unsupported dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        infos[name] = TensorInfo(name, dtype, tuple(entry["shape"]), path, data_start + start, data_start + end)
+    return infos
+
+
+class Checkpoint:
+    """A model's config and tensors, read lazily from its safetensors files.
+
+    `Checkpoint.open(reference)` accepts a local folder or a hub id `org/name[@revision]`.
+    """
+
+    def __init__(self, reference: str, folder: Optional[Path], config: dict,
+                 tensors: dict[str, TensorInfo]):
+        self.reference = reference
+        self.folder = folder
+        self.config = config
+        self.tensors = tensors
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, object] = {}
+
+    # ---- opening ------------------------------------------------------------------
+    @staticmethod
+    def open(reference: str, download_weights: bool = True) -> "Checkpoint":
+        folder = Path(reference).expanduser()
+        if folder.is_dir():
+            return Checkpoint.from_folder(folder, reference)
+        if folder.suffix in (".safetensors", ".gguf", ".bin") or folder.exists():
+            raise MergeError(f"model '{reference}' must be a folder with config.json and safetensors weights")
+        if not HUB_ID.match(reference):
+            raise MergeError(f"model '{reference}' is neither a local folder nor a hub id (org/name)")
+        return open_hub_model(reference, download_weights)
+
+    @staticmethod
+    def from_folder(folder: Path, reference: Optional[str] = None) -> "Checkpoint":
+        reference = reference or str(folder)
+        config = read_config(folder, reference)
+        index = folder / "model.safetensors.index.json"
+        files = []
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise MergeError(f"'{index}' is not a valid safetensors index") from None
+            files = sorted({folder / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise MergeError(f"model '{reference}' is missing shard {missing[0]} named in its index")
+        elif (folder / "model.safetensors").is_file():
+            files = [folder / "model.safetensors"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            others = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
+            extra = f" (found {others[0]}; only safetensors weights are supported)" if others else ""
+            raise MergeError(f"model '{reference}' has no safetensors weights in '{folder}'{extra}")
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            tensors.update(read_safetensors_header(file))
+        return Checkpoint(reference, folder, config, tensors)
+
+    # ---- reading ------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor as stored (a view on the mapped file: copy before changing it)."""
+        info = self.tensors[name]
+        if info.file is None:
+            raise MergeError(f"model '{self.reference}' has no weights on disk yet")
+        mapped = self._map(info.file)
+        if info.end == info.start:
+            return torch.empty(info.shape, dtype=info.dtype)
+        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
+        return flat.view(info.dtype).reshape(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's memory (they stay in the page cache)."""
+        info = self.tensors[name]
+        mapped = self._maps.get(info.file)
+        if mapped is None or info.end == info.start:
+            return
+        page = mmap.PAGESIZE
+        start = (info.start // page) * page
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mapped = self._maps.get(file)
+        if mapped is None:
+            handle = open(file, "rb")
+            # ACCESS_COPY gives a writable (private, never written) mapping torch accepts.
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._files[file] = handle
+            self._maps[file] = mapped
+        return mapped
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+        self._maps.clear()  # the maps close when the last tensor viewing them is gone
+
+    # ---- facts --------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        from .architecture import layer_count
+        return layer_count(self)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.reference!r}, {len(self.tensors)} tensors)"
+
+
+def read_config(folder: Path, reference: str) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise MergeError(f"model '{reference}' has no config.json in '{folder}'")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise MergeError(f"config.json of model '{reference}' is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise MergeError(f"config.json of model '{reference}' is not a JSON object")
+    return config
+
+
+def split_hub_id(reference: str) -> tuple[str, Optional[str]]:
+    repo, _, revision = reference.partition("@")
+    return repo, (revision or None)
+
+
+def open_hub_model(reference: str, download_weights: bool = True) -> Checkpoint:
+    """Resolve `org/name[@revision]` through huggingface_hub: the cache first (works
+    offline), then the network, downloading only config, tokenizer and safetensors
+    files. Without `download_weights`, only small files are fetched and tensor shapes
+    come from the safetensors headers on the hub (enough for checks and plans)."""
+    repo, revision = split_hub_id(reference)
+    folder = _hub_snapshot(reference, repo, revision, HUB_PATTERNS, local_only=True)
+    if folder is not None and any(folder.glob("*.safetensors")):
+        return Checkpoint.from_folder(folder, reference)
+    if not download_weights:
+        folder = _hub_snapshot(reference, repo, revision, HUB_SMALL_PATTERNS, local_only=False)
+        config = read_config(folder, reference)
+        return Checkpoint(reference, folder, config, _hub_tensor_infos(reference, repo, revision))
+    folder = _hub_snapshot(reference, repo, revision, HUB_PATTERNS, local_only=False)
+    return Checkpoint.from_folder(folder, reference)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_snapshot(reference: str, repo: str, revision: Optional[str], patterns: list[str],
+                  local_only: bool) -> Optional[Path]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    if not local_only and _hub_offline():
+        raise MergeError(f"model '{reference}' is not in the Hugging Face cache and the hub is "
+                         "offline (HF_HUB_OFFLINE is set)")
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
+                                      local_files_only=local_only))
+    except hub_errors.GatedRepoError:
+        raise MergeError(f"model '{repo}' is gated: accept its terms on the hub and log in "
+                         "(hf auth login)") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise MergeError(f"no model '{repo}' on the Hugging Face hub (if it is private, log in "
+                         "with hf auth login)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise MergeError(f"model '{repo}' has no revision '{revision}'") from None
+    except Exception as error:  # connection errors come in many types
+        if local_only:
+            return None
+        raise MergeError(f"cannot download model '{reference}': the Hugging Face hub is not "
+                         f"reachable and the model is not in the cache ({type(error).__name__})") from None
+
+
+def _hub_tensor_infos(reference: str, repo: str, revision: Optional[str]) -> dict[str, TensorInfo]:
+    from huggingface_hub import get_safetensors_metadata
+
+    try:
+        metadata = get_safetensors_metadata(repo, revision=revision)
+    except Exception as error:
+        raise MergeError(f"cannot read the safetensors headers of '{reference}' from the hub "
+                         f"({type(error).__name__})") from None
+    infos = {}
+    for file_metadata in metadata.files_metadata.values():
+        for name, tensor in file_metadata.tensors.items():
+            infos[name] = TensorInfo(name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape))
+    return infos

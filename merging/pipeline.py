@@ -1,0 +1,115 @@
+"""merge(): config in, model folder out; several stages in dependency order."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from . import folder as folder_files
+from .checkpoint import Checkpoint
+from .config import MergeConfig, MultiStageConfig, load_config
+from .engine import Progress, resolve_device, run_plan
+from .errors import MergeError
+from .plan import MergePlan, plan_merge
+from .writer import ShardedSafetensorsWriter, atomic_folder, check_output_folder
+
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+
+
+def open_checkpoints(config: MergeConfig, known: Optional[dict[str, Checkpoint]] = None,
+                     download_weights: bool = True) -> dict[str, Checkpoint]:
+    """Every model the config names, opened (headers only); `known` supplies stage outputs."""
+    checkpoints = {}
+    for name in config.referenced_models():
+        if known and name in known:
+            checkpoints[name] = known[name]
+        else:
+            checkpoints[name] = Checkpoint.open(name, download_weights=download_weights)
+    return checkpoints
+
+
+def plan_stages(config: Union[MergeConfig, MultiStageConfig], download_weights: bool = True
+                ) -> list[MergePlan]:
+    """Plans for every stage, in the order they run; later stages are checked against
+    what earlier stages will write, so a whole multi-stage file fails before any work."""
+    stages = config.order() if isinstance(config, MultiStageConfig) else [config]
+    outputs: dict[str, Checkpoint] = {}
+    plans = []
+    for stage in stages:
+        plan = plan_merge(stage, open_checkpoints(stage, outputs, download_weights))
+        if stage.name:
+            outputs[stage.name] = plan.as_checkpoint(stage.name)
+        plans.append(plan)
+    return plans
+
+
+def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Optional[Progress] = None,
+          *, seed: int = 0, out_shard_size: int = DEFAULT_SHARD_BYTES,
+          intermediate_dir: Optional[Union[str, Path]] = None, overwrite: bool = False,
+          plans: Optional[list[MergePlan]] = None) -> Path:
+    """Merge as `config` says and write a Hugging Face model folder at `out_dir`.
+
+    `config` is a MergeConfig, a MultiStageConfig, YAML text or a path. Everything is
+    checked before any tensor is read; the folder appears only when complete.
+    `progress(done, total, tensor_name)` is called after each tensor.
+    """
+    config = load_config(config)
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, overwrite)
+    resolve_device(device)
+    plans = plans or plan_stages(config)
+    if len(plans) == 1:
+        return write_merge(plans[0], out_dir, device, progress, seed, out_shard_size, overwrite)
+
+    keep = intermediate_dir is not None
+    work = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=".mergelab-stages-",
+                                                                     dir=out_dir.resolve().parent))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        written: dict[str, Checkpoint] = {}
+        for index, plan in enumerate(plans):
+            stage = plan.config
+            # swap the planned stand-ins for the folders the earlier stages wrote
+            plan.checkpoints.update({name: written[name] for name in plan.checkpoints if name in written})
+            final = index == len(plans) - 1
+            target = out_dir if final else work / stage.name
+            write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=final and overwrite
+                        or (not final))
+            if not final:
+                written[stage.name] = Checkpoint.from_folder(target, stage.name)
+        return out_dir
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[Progress], seed: int,
+                out_shard_size: int, overwrite: bool) -> Path:
+    """Run one plan into a folder: weights, config, tokenizer, model card."""
+    config = plan.config
+    entries = [(task.name, task.out_dtype, task.shape) for task in plan.tasks]
+    with atomic_folder(out_dir, overwrite) as temporary:
+        writer = ShardedSafetensorsWriter(temporary, entries, out_shard_size)
+        try:
+            run_plan(plan, writer, device=device, seed=seed, progress=progress)
+            writer.close()
+        finally:
+            writer.abort()
+        folder_files.write_config(temporary, plan.out_config)
+        donor = plan.checkpoints[plan.tokenizer_donor].folder if plan.tokenizer_donor else None
+        folder_files.copy_model_files(temporary, donor)
+        if config.chat_template:
+            folders = [plan.checkpoints[m].folder for m in config.referenced_models()]
+            template = folder_files.resolve_chat_template(config.chat_template, folders)
+            if template:
+                folder_files.write_chat_template(temporary, template)
+        folder_files.write_model_card(temporary, Path(out_dir).name, config.to_yaml(),
+                                      config.referenced_models(), config.merge_method, config.base_model)
+    for checkpoint in plan.checkpoints.values():
+        checkpoint.close()
+    return Path(out_dir)
+
+
+__all__ = ["merge", "plan_stages", "open_checkpoints", "MergeError"]

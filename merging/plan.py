@@ -1,0 +1,346 @@
+"""From a config and the models' headers to a list of per-tensor tasks.
+
+Everything a merge can get wrong is checked here, before any tensor is read: paths,
+architectures, widths, layer ranges, parameter values and method rules. The plan
+then says exactly which inputs, parameters and gradient position each output
+tensor gets, so the engine only reads, computes and writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import architecture as arch
+from . import parameters as params_mod
+from .checkpoint import Checkpoint, TensorInfo
+from .config import MergeConfig, OutputSlice, SliceSource
+from .errors import MergeError
+from .methods.registry import BASE_IGNORED, Method
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: its inputs, parameters and where it sits in the layer stack."""
+
+    name: str
+    inputs: list[tuple[str, str]]  # (model reference, tensor name), in config order
+    base_index: Optional[int]  # which input is the base, for methods that use one
+    params: dict
+    model_params: list[dict]  # one per non-base input (per input for base-less methods)
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    layer: Optional[int] = None  # output layer index; None outside the stack
+    position: float = 0.0  # gradient position p in [0, 1]
+    vocab_rows: Optional[int] = None  # cut or pad rows to this many (vocabulary tensors)
+    filler_index: Optional[int] = None  # input whose rows fill missing vocabulary rows
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.out_dtype.itemsize
+
+    def seed(self, base_seed: int) -> int:
+        """A seed for this tensor alone: the same settings give the same tensor, in any order."""
+        digest = hashlib.sha256(f"{base_seed}:{self.name}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: Method
+    checkpoints: dict[str, Checkpoint]
+    tasks: list[TensorTask]
+    out_config: dict
+    num_layers: int
+    tokenizer_donor: Optional[str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(task.nbytes for task in self.tasks)
+
+    def peak_bytes_estimate(self) -> int:
+        """Tensors in flight for the largest task: inputs and scratch in float32, plus output."""
+        worst = 0
+        for task in self.tasks:
+            numel = task.nbytes // task.out_dtype.itemsize
+            worst = max(worst, numel * 4 * (2 * len(task.inputs) + 3) + task.nbytes)
+        return worst
+
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        return {t.name: TensorInfo(t.name, t.out_dtype, t.shape) for t in self.tasks}
+
+    def as_checkpoint(self, reference: str) -> Checkpoint:
+        """What the output will look like, for planning later stages before this one runs."""
+        return Checkpoint(reference, None, self.out_config, self.tensor_infos())
+
+    def summary(self) -> str:
+        names = self.config.referenced_models()
+        lines = [f"method: {self.method.name}"]
+        for name in names:
+            checkpoint = self.checkpoints[name]
+            role = " (base)" if name == self.config.base_model else ""
+            lines.append(f"model: {name}{role}: {checkpoint.num_layers} layers, {len(checkpoint.tensors)} tensors")
+        lines.append(f"output: {self.num_layers} layers, {len(self.tasks)} tensors, "
+                     f"{format_bytes(self.output_bytes)}")
+        lines.append(f"estimated peak memory: {format_bytes(self.peak_bytes_estimate())} of tensors in flight")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def format_bytes(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return str(count)
+
+
+# ---------------------------------------------------------------------------------
+def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> MergePlan:
+    """Check `config` against the opened models and list every output tensor's task."""
+    method = config.method
+    warnings = list(config.warnings)
+    for name in config.referenced_models():
+        if name not in checkpoints:
+            raise MergeError(f"model '{name}' was not opened")
+    slices = normalized_slices(config, checkpoints)
+    reference_name = config.base_model or slices[0].sources[0].model
+    reference = checkpoints[reference_name]
+    _check_compatible(config, checkpoints, reference_name, warnings)
+    for index, output_slice in enumerate(slices):
+        for source in output_slice.sources:
+            available = checkpoints[source.model].num_layers
+            if source.layer_range[1] > available:
+                raise MergeError(f"layer_range [{source.layer_range[0]}, {source.layer_range[1]}] of "
+                                 f"model '{source.model}' goes past its {available} layers")
+
+    out_dtype_name = config.out_dtype or config.dtype
+    donor = _tokenizer_donor(config, slices)
+    vocab_rows = _vocabulary_rows(config, checkpoints, slices, donor, warnings)
+    builder = _TaskBuilder(config, method, checkpoints, out_dtype_name, vocab_rows, donor)
+
+    first, last = slices[0], slices[-1]
+    outside_first = _outside_names(first, checkpoints)
+    outside_last = _outside_names(last, checkpoints)
+    for name in outside_first:
+        if arch.is_before_layers(name):
+            builder.add(name, first, [name] * len(first.sources), layer=None, position=0.0)
+
+    out_layer = 0
+    for output_slice in slices:
+        length = output_slice.sources[0].layer_range[1] - output_slice.sources[0].layer_range[0]
+        lead = output_slice.sources[0]
+        lead_checkpoint = checkpoints[lead.model]
+        for offset in range(length):
+            position = offset / (length - 1) if length > 1 else 1.0
+            in_layer = lead.layer_range[0] + offset
+            layer_names = [n for n in lead_checkpoint.tensors
+                           if (parts := arch.split_layer_name(n)) and parts[1] == in_layer]
+            if not layer_names:
+                raise MergeError(f"model '{lead.model}' has no tensors for layer {in_layer}")
+            for lead_name in layer_names:
+                prefix, _, rest = arch.split_layer_name(lead_name)
+                input_names = [arch.layer_tensor_name(prefix, s.layer_range[0] + offset, rest)
+                               for s in output_slice.sources]
+                builder.add(arch.layer_tensor_name(prefix, out_layer, rest), output_slice, input_names,
+                            layer=out_layer, position=position)
+            out_layer += 1
+
+    for name in outside_last:
+        if not arch.is_before_layers(name):
+            builder.add(name, last, [name] * len(last.sources), layer=None, position=0.0)
+
+    out_config = dict(reference.config)
+    for key in arch.LAYER_COUNT_KEYS:
+        if key in out_config:
+            out_config[key] = out_layer
+            break
+    else:
+        out_config["num_hidden_layers"] = out_layer
+    if out_dtype_name:
+        out_config.pop("torch_dtype", None)
+        out_config["dtype"] = out_dtype_name
+    if vocab_rows is not None and "vocab_size" in out_config:
+        out_config["vocab_size"] = vocab_rows
+    for kind in ("max_window_layers",):  # Qwen2 counts sliding-window layers from the bottom
+        if isinstance(out_config.get(kind), int) and out_config[kind] > out_layer:
+            out_config[kind] = out_layer
+    return MergePlan(config, method, checkpoints, builder.tasks, out_config, out_layer, donor,
+                     warnings + builder.warnings)
+
+
+def normalized_slices(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> list[OutputSlice]:
+    """A `models` config as one slice over all layers (the base added when missing)."""
+    if config.slices:
+        return config.slices
+    sources = []
+    names = [m.model for m in config.models]
+    entries = list(config.models)
+    if config.base_model and config.base_model not in names:
+        from .config import InputModel
+        entries.append(InputModel(config.base_model))
+    counts = {e.model: checkpoints[e.model].num_layers for e in entries}
+    reference = entries[0].model
+    for entry in entries:
+        if counts[entry.model] != counts[reference]:
+            raise MergeError(f"model '{entry.model}' has {counts[entry.model]} layers, model "
+                             f"'{reference}' has {counts[reference]}; use slices to merge models "
+                             "of different depth")
+        sources.append(SliceSource(entry.model, (0, counts[entry.model]), entry.parameters))
+    return [OutputSlice(sources)]
+
+
+def _check_compatible(config: MergeConfig, checkpoints: dict[str, Checkpoint], reference_name: str,
+                      warnings: list[str]) -> None:
+    reference = checkpoints[reference_name]
+    role = "the base" if reference_name == config.base_model else f"model '{reference_name}'"
+    kind = reference.config.get("model_type")
+    for name in config.referenced_models():
+        if name == reference_name:
+            continue
+        other = checkpoints[name].config
+        for key in arch.WIDTH_KEYS:
+            if key in other and key in reference.config and other[key] != reference.config[key]:
+                label = key.replace("_", " ")
+                raise MergeError(f"model '{name}' has {label} {other[key]}, {role} has "
+                                 f"{reference.config[key]}")
+        if other.get("model_type") != kind:
+            warnings.append(f"model '{name}' is a {other.get('model_type')} model, {role} is a {kind} model")
+
+
+def _outside_names(output_slice: OutputSlice, checkpoints: dict[str, Checkpoint]) -> list[str]:
+    """Tensors outside the layer stack present in any of the slice's sources, first seen first."""
+    names: dict[str, None] = {}
+    for source in output_slice.sources:
+        for name in checkpoints[source.model].tensors:
+            if arch.split_layer_name(name) is None:
+                names.setdefault(name, None)
+    return list(names)
+
+
+def _tokenizer_donor(config: MergeConfig, slices: list[OutputSlice]) -> Optional[str]:
+    source = config.tokenizer_source
+    if isinstance(config.tokenizer, dict):
+        source = config.tokenizer.get("source", source)
+    if source == "union":
+        raise MergeError("tokenizer_source: union is not supported yet; use base or a model name")
+    if source in (None, "base"):
+        return config.base_model or slices[0].sources[0].model
+    if source not in config.referenced_models():
+        raise MergeError(f"tokenizer_source '{source}' is not one of the config's models")
+    return source
+
+
+def _vocabulary_rows(config: MergeConfig, checkpoints: dict[str, Checkpoint], slices,
+                     donor: str, warnings: list[str]) -> Optional[int]:
+    """Rows every vocabulary tensor is cut (or padded) to, when the models disagree."""
+    sizes = {name: arch.vocabulary_size(checkpoints[name]) for name in config.referenced_models()}
+    if len({s for s in sizes.values() if s is not None}) <= 1:
+        return None
+    target = sizes[donor]
+    described = ", ".join(f"'{n}' {s}" for n, s in sizes.items())
+    warnings.append(f"vocabulary sizes differ ({described}): using the tokenizer of '{donor}' and "
+                    f"cutting embedding rows to its {target} (rows a model lacks come from '{donor}' "
+                    "or the base)")
+    return target
+
+
+class _TaskBuilder:
+    def __init__(self, config: MergeConfig, method: Method, checkpoints, out_dtype_name, vocab_rows, donor):
+        self.config = config
+        self.method = method
+        self.checkpoints = checkpoints
+        self.out_dtype = TORCH_DTYPES[out_dtype_name] if out_dtype_name else None
+        self.vocab_rows = vocab_rows
+        self.donor = donor
+        self.tasks: list[TensorTask] = []
+        self.warnings: list[str] = []
+
+    def add(self, out_name: str, output_slice: OutputSlice, input_names: list[str],
+            layer: Optional[int], position: float) -> None:
+        sources = output_slice.sources
+        models = [s.model for s in sources]
+        resolved_names = []
+        for model, name in zip(models, input_names):
+            checkpoint = self.checkpoints[model]
+            if not checkpoint.has(name):
+                alternative = arch.tied_alternative(name, checkpoint.tensors)
+                if alternative is None:
+                    raise MergeError(f"model '{model}' has no tensor '{name}'")
+                name = alternative
+            resolved_names.append(name)
+        infos = [self.checkpoints[m].tensors[n] for m, n in zip(models, resolved_names)]
+
+        vocab_rows = filler = None
+        shapes = [info.shape for info in infos]
+        if arch.is_vocabulary_tensor(out_name) and self.vocab_rows is not None:
+            vocab_rows = self.vocab_rows
+            shapes = [(vocab_rows,) + s[1:] for s in shapes]
+            filler = self._filler_index(models, infos, vocab_rows)
+        for model, info, shape in zip(models, infos, shapes):
+            if shape != shapes[0]:
+                raise MergeError(f"tensor '{info.name}' of model '{model}' has shape {list(info.shape)}, "
+                                 f"model '{models[0]}' has {list(infos[0].shape)}")
+
+        base = output_slice.base_model or self.config.base_model
+        base_index = None
+        if self.method.base != BASE_IGNORED and base in models:
+            base_index = models.index(base)
+        params = self._global_params(out_name, output_slice, position)
+        model_params = [
+            self._model_params(model, input_name, output_slice, position)
+            for index, (model, input_name) in enumerate(zip(models, resolved_names))
+            if index != base_index
+        ]
+        if self.method.check:
+            self.method.check(params, model_params, f" for {out_name}")
+        out_dtype = self.out_dtype or infos[models.index(base) if base in models else 0].dtype
+        if not infos[0].dtype.is_floating_point:
+            out_dtype = infos[0].dtype
+        self.tasks.append(TensorTask(out_name, list(zip(models, resolved_names)), base_index, params,
+                                     model_params, shapes[0], out_dtype, layer, position, vocab_rows,
+                                     filler))
+
+    def _filler_index(self, models, infos, rows) -> int:
+        preferred = [self.donor, self.config.base_model] + models
+        for name in preferred:
+            if name in models and infos[models.index(name)].shape[0] >= rows:
+                return models.index(name)
+        raise MergeError(f"no input has the {rows} vocabulary rows that '{infos[0].name}' needs")
+
+    def _global_params(self, tensor_name: str, output_slice: OutputSlice, position: float) -> dict:
+        scopes = [output_slice.parameters, self.config.parameters]
+        values = {}
+        for parameter in self.method.global_parameters:
+            value = params_mod.resolve(parameter.name, scopes, tensor_name, position)
+            values[parameter.name] = self._finish(parameter, value, f" for {tensor_name}")
+        return values
+
+    def _model_params(self, model: str, tensor_name: str, output_slice: OutputSlice, position: float) -> dict:
+        own = [s.parameters for s in output_slice.sources if s.model == model]
+        scopes = own + [output_slice.parameters, self.config.parameters]
+        values = {}
+        for parameter in self.method.model_parameters:
+            value = params_mod.resolve(parameter.name, scopes, tensor_name, position)
+            values[parameter.name] = self._finish(parameter, value, f" of model '{model}' for {tensor_name}")
+        return values
+
+    def _finish(self, parameter, value, where: str):
+        if value is None:
+            if parameter.required:
+                raise MergeError(f"{self.method.name} needs parameter '{parameter.name}'{where}")
+            return parameter.default
+        value = parameter.coerce(value, where)
+        parameter.check_range(value, where)
+        return value

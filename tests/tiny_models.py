@@ -1,0 +1,73 @@
+"""Tiny Llama models for tests: a base and children that are the base plus a task vector.
+
+Seeded, so every test run sees the same numbers. Each model is a real transformers
+folder (config.json, safetensors, tokenizer) that AutoModelForCausalLM loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+VOCAB = 96
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "red", "blue", "merge", "model", "layer"]
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB, extra_tokens: Optional[list[str]] = None):
+    """A word-level fast tokenizer with exactly `vocab_size` entries and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocabulary = specials + WORDS + (extra_tokens or [])
+    vocabulary += [f"w{i}" for i in range(vocab_size - len(vocabulary))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} "
+                               "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    return tokenizer
+
+
+def make_base(folder: Path, *, hidden: int = 32, layers: int = 4, vocab: int = VOCAB, seed: int = 0,
+              tied: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+    """A randomly initialised tiny Llama saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         tie_word_embeddings=tied, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(folder)
+    tiny_tokenizer(vocab).save_pretrained(folder)
+    return Path(folder)
+
+
+def make_child(base: Path, folder: Path, *, seed: int, scale: float = 0.02, rank: Optional[int] = None,
+               max_shard_size: Optional[str] = None, extra_rows: int = 0) -> Path:
+    """The base plus a seeded task vector (low-rank when `rank` is given)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if rank is not None and parameter.dim() == 2:
+                left = torch.randn(parameter.shape[0], rank, generator=generator)
+                right = torch.randn(rank, parameter.shape[1], generator=generator)
+                delta = (left @ right) / rank**0.5
+            else:
+                delta = torch.randn(parameter.shape, generator=generator)
+            parameter.add_((scale * delta).to(parameter.dtype))
+        if extra_rows:
+            model.resize_token_embeddings(model.config.vocab_size + extra_rows)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    tokenizer = tiny_tokenizer(model.config.vocab_size)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
