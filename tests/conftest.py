@@ -1,0 +1,35 @@
+"""Shared fixtures: a family of tiny Llama models built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import make_base, make_child  # noqa: E402
+
+
+class Family(dict):
+    """Model folders by short name; `family.path('c1')` gives the absolute path as text."""
+
+    def path(self, name: str) -> str:
+        return str(self[name])
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Family:
+    root = tmp_path_factory.mktemp("tiny")
+    family = Family()
+    family["base"] = make_base(root / "base", seed=0)
+    family["c1"] = make_child(family["base"], root / "c1", seed=1)
+    family["c2"] = make_child(family["base"], root / "c2", seed=2, rank=2)
+    family["c3"] = make_child(family["base"], root / "c3", seed=3, scale=0.05)
+    family["sharded"] = make_child(family["base"], root / "sharded", seed=4, max_shard_size="20KB")
+    family["wide"] = make_base(root / "wide", hidden=64, seed=5)
+    family["deep"] = make_base(root / "deep", layers=6, seed=6)
+    family["tied"] = make_base(root / "tied", seed=7, tied=True)
+    family["tied_child"] = make_child(family["tied"], root / "tied_child", seed=8)
+    family["more_vocab"] = make_child(family["base"], root / "more_vocab", seed=9, extra_rows=8)
+    return family

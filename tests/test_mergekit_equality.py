@@ -1,0 +1,349 @@
+"""Our merges equal mergekit 0.1.5's, tensor for tensor, on the same configs (float32)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from helpers import assert_same_config, load_tensors, max_relative_error, run_cli, run_mergekit
+from merging import MergeConfig, merge
+
+TOLERANCE = 1e-5
+
+CONFIGS = {
+    "linear": """
+models:
+  - model: {c1}
+    parameters: {{weight: 0.5}}
+  - model: {c2}
+    parameters: {{weight: 0.3}}
+  - model: {c3}
+    parameters: {{weight: 0.2}}
+merge_method: linear
+dtype: float32
+""",
+    "linear_unnormalized_gradient_weight": """
+models:
+  - model: {c1}
+    parameters: {{weight: [0.2, 0.9, 0.4]}}
+  - model: {c2}
+    parameters: {{weight: 0.7}}
+merge_method: linear
+parameters: {{normalize: false}}
+dtype: float32
+""",
+    "slerp_gradient_filters": """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 4]
+      - model: {c1}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
+    "slerp_models": """
+models:
+  - model: {c3}
+merge_method: slerp
+base_model: {c1}
+parameters: {{t: 0.35}}
+dtype: float32
+""",
+    "nuslerp_base": """
+models:
+  - model: {c1}
+    parameters: {{weight: 0.3}}
+  - model: {c2}
+    parameters: {{weight: 0.7}}
+merge_method: nuslerp
+base_model: {base}
+dtype: float32
+""",
+    "nuslerp_rows": """
+models:
+  - model: {c1}
+    parameters: {{weight: 1.0}}
+  - model: {c3}
+    parameters: {{weight: 2.0}}
+merge_method: nuslerp
+parameters: {{nuslerp_flatten: false}}
+dtype: float32
+""",
+    "nuslerp_columns": """
+models:
+  - model: {c1}
+    parameters: {{weight: 1.0}}
+  - model: {c3}
+    parameters: {{weight: 2.0}}
+merge_method: nuslerp
+parameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}
+dtype: float32
+""",
+    "multislerp_base": """
+models:
+  - model: {c1}
+    parameters: {{weight: 0.5}}
+  - model: {c2}
+    parameters: {{weight: 0.25}}
+  - model: {c3}
+    parameters: {{weight: 0.25}}
+merge_method: multislerp
+base_model: {base}
+dtype: float32
+""",
+    "multislerp_plain": """
+models:
+  - model: {c1}
+    parameters: {{weight: 1.0}}
+  - model: {c3}
+    parameters: {{weight: 3.0}}
+merge_method: multislerp
+dtype: float32
+""",
+    "karcher": """
+models:
+  - model: {c1}
+  - model: {c2}
+  - model: {c3}
+merge_method: karcher
+dtype: float32
+""",
+    "task_arithmetic": """
+models:
+  - model: {c1}
+    parameters: {{weight: 0.6}}
+  - model: {c2}
+    parameters: {{weight: [0.2, 0.8]}}
+merge_method: task_arithmetic
+base_model: {base}
+parameters: {{lambda: 0.9}}
+dtype: float32
+""",
+    "ties": """
+models:
+  - model: {c1}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {c2}
+    parameters: {{weight: 0.3, density: 0.7}}
+  - model: {c3}
+    parameters: {{weight: 0.4, density: [0.2, 0.9]}}
+merge_method: ties
+base_model: {base}
+dtype: float32
+""",
+    "ties_unnormalized_filters": """
+models:
+  - model: {c1}
+    parameters:
+      weight:
+        - filter: mlp
+          value: 0.9
+        - value: 0.2
+      density: 0.4
+  - model: {c2}
+    parameters: {{weight: 0.5, density: 0.6}}
+merge_method: ties
+base_model: {base}
+parameters: {{normalize: false, lambda: 1.3}}
+dtype: float32
+""",
+    "breadcrumbs": """
+models:
+  - model: {c1}
+    parameters: {{weight: 0.5, density: 0.8, gamma: 0.05}}
+  - model: {c2}
+    parameters: {{weight: 0.5, density: 0.6, gamma: 0.1}}
+merge_method: breadcrumbs
+base_model: {base}
+dtype: float32
+""",
+    "breadcrumbs_ties": """
+models:
+  - model: {c1}
+    parameters: {{weight: 0.7, density: 0.8, gamma: 0.02}}
+  - model: {c3}
+    parameters: {{weight: 0.4, density: 0.5, gamma: 0.01}}
+merge_method: breadcrumbs_ties
+base_model: {base}
+dtype: float32
+""",
+    "model_stock": """
+models:
+  - model: {c1}
+  - model: {c2}
+  - model: {c3}
+merge_method: model_stock
+base_model: {base}
+dtype: float32
+""",
+    "model_stock_filter_wise": """
+models:
+  - model: {c1}
+  - model: {c3}
+merge_method: model_stock
+base_model: {base}
+parameters: {{filter_wise: true}}
+dtype: float32
+""",
+    "sce": """
+models:
+  - model: {c1}
+  - model: {c2}
+  - model: {c3}
+merge_method: sce
+base_model: {base}
+parameters: {{select_topk: 0.5}}
+dtype: float32
+""",
+    "nearswap": """
+models:
+  - model: {c1}
+merge_method: nearswap
+base_model: {base}
+parameters: {{t: 0.01}}
+dtype: float32
+""",
+    "passthrough_frankenmerge": """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 3]
+  - sources:
+      - model: {c1}
+        layer_range: [1, 4]
+  - sources:
+      - model: {c2}
+        layer_range: [2, 4]
+merge_method: passthrough
+dtype: float32
+""",
+    "passthrough_scale": """
+slices:
+  - sources:
+      - model: {c1}
+        layer_range: [0, 4]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.5
+            - value: 1.0
+merge_method: passthrough
+dtype: float32
+""",
+    "slices_with_merges": """
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 2]
+      - model: {c1}
+        layer_range: [0, 2]
+    parameters: {{t: 0.2}}
+  - sources:
+      - model: {base}
+        layer_range: [2, 4]
+      - model: {c2}
+        layer_range: [2, 4]
+    parameters: {{t: [0.9, 0.1]}}
+merge_method: slerp
+base_model: {base}
+parameters: {{t: 0.5}}
+dtype: float32
+""",
+    "sharded_input": """
+models:
+  - model: {sharded}
+    parameters: {{weight: 0.5}}
+  - model: {c1}
+    parameters: {{weight: 0.5}}
+merge_method: task_arithmetic
+base_model: {base}
+dtype: float32
+""",
+    "tied_embeddings": """
+models:
+  - model: {tied_child}
+merge_method: slerp
+base_model: {tied}
+parameters: {{t: 0.6}}
+dtype: float32
+""",
+    "bfloat16_output": """
+models:
+  - model: {c1}
+    parameters: {{weight: 1.0}}
+  - model: {c2}
+    parameters: {{weight: 1.0}}
+merge_method: linear
+dtype: float32
+out_dtype: bfloat16
+""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+def test_equal_to_mergekit(case, tiny, tmp_path):
+    text = CONFIGS[case].format(**{k: tiny.path(k) for k in tiny})
+    theirs = run_mergekit(text, tmp_path / "mergekit")
+    ours = merge(MergeConfig.from_yaml(text), tmp_path / "ours", device="cpu")
+    assert max_relative_error(load_tensors(ours), load_tensors(theirs)) < TOLERANCE
+    assert_same_config(ours, theirs)
+
+
+def test_frankenmerge_layer_count(tiny, tmp_path):
+    text = CONFIGS["passthrough_frankenmerge"].format(**{k: tiny.path(k) for k in tiny})
+    out = merge(text, tmp_path / "out")
+    import json
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3 + 3 + 2
+    names = load_tensors(out)
+    assert "model.layers.7.mlp.up_proj.weight" in names and "model.layers.8.mlp.up_proj.weight" not in names
+
+
+MULTI_STAGE = """
+name: first
+models:
+  - model: {c1}
+    parameters: {{weight: 0.5}}
+  - model: {c2}
+    parameters: {{weight: 0.5}}
+merge_method: task_arithmetic
+base_model: {base}
+dtype: float32
+---
+name: second
+models:
+  - model: {c3}
+merge_method: slerp
+base_model: {base}
+parameters: {{t: 0.5}}
+dtype: float32
+---
+name: final
+models:
+  - model: second
+merge_method: slerp
+base_model: first
+parameters: {{t: [0.2, 0.8]}}
+dtype: float32
+"""
+
+
+def test_multi_stage_equal_to_mergekit_multimerge(tiny, tmp_path):
+    text = MULTI_STAGE.format(**{k: tiny.path(k) for k in tiny})
+    config_file = tmp_path / "multi.yml"
+    config_file.write_text(text)
+    subprocess.run(["mergekit-multi", str(config_file), "--intermediate-dir", str(tmp_path / "mk"), "--quiet"],
+                   check=True, capture_output=True, cwd=tmp_path)
+    result = run_cli(config_file, tmp_path / "ours", "--intermediate-dir", tmp_path / "stages")
+    assert result.returncode == 0, result.stderr
+    assert max_relative_error(load_tensors(tmp_path / "ours"), load_tensors(tmp_path / "mk" / "final")) < TOLERANCE
+    assert (tmp_path / "stages" / "first" / "config.json").is_file()
