@@ -68,6 +68,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     except (OSError, ValueError, struct.error) as error:
         raise MergeError(f"'{path}' is not a readable safetensors file ({error})") from None
     data_start = 8 + length
+    file_size = path.stat().st_size
     infos = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -76,6 +77,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if dtype is None:
             raise MergeError(f"tensor '{name}' in '{path}' has unsupported dtype {entry['dtype']}")
         start, end = entry["data_offsets"]
+        if data_start + end > file_size:
+            raise MergeError(f"'{path}' is truncated: tensor '{name}' ends past the end of the file")
         infos[name] = TensorInfo(name, dtype, tuple(entry["shape"]), path, data_start + start, data_start + end)
     return infos
 

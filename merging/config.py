@@ -214,7 +214,8 @@ class MergeConfig:
             if method.base != "ignored":
                 raise MergeError(f"base_model '{base}' is not among the slice's sources{where}")
         count = len(inputs) - (1 if (base and method.base != "ignored" and base in inputs) else 0)
-        what = "models besides the base" if method.base != "ignored" else "input models"
+        what = "model" if method.max_models == 1 and method.min_models == 1 else "models"
+        what += " besides the base" if method.base != "ignored" else " as input"
         if count < method.min_models:
             raise MergeError(f"{method.name} needs at least {method.min_models} {what}{where}, got {count}")
         if method.max_models is not None and count > method.max_models:
