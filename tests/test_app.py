@@ -1,0 +1,75 @@
+"""`python app.py` starts a real Gradio server, and its API checks a recipe."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    import urllib.request
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited: {process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("app.py did not start within 120 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_app_serves_the_page(server):
+    import urllib.request
+    with urllib.request.urlopen(server, timeout=10) as response:
+        assert "MergeLab" in response.read().decode()
+
+
+def test_check_recipe_over_the_api(server, tiny):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    recipe = (f"models:\n  - model: {tiny.path('c1')}\nmerge_method: slerp\n"
+              f"base_model: {tiny.path('base')}\nparameters: {{t: 0.5}}\n")
+    plan = client.predict(recipe, api_name="/check_recipe")
+    assert "output: 4 layers, 39 tensors" in plan
+    with pytest.raises(Exception, match="unknown merge_method"):
+        client.predict(recipe.replace("slerp", "slurp"), api_name="/check_recipe")
+
+
+def test_public_deployment_refuses_local_paths(tiny, monkeypatch):
+    import gradio as gr
+
+    from ui.recipe_panel import check_recipe
+    monkeypatch.setenv("MERGELAB_PUBLIC", "1")
+    recipe = f"models:\n  - model: {tiny.path('c1')}\nmerge_method: passthrough\n"
+    with pytest.raises(gr.Error, match="local paths are disabled"):
+        check_recipe(recipe)

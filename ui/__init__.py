@@ -1,0 +1,1 @@
+"""MergeLab's Gradio panels; each module builds one panel on top of the `merging` library."""
