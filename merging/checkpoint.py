@@ -153,18 +153,29 @@ class Checkpoint:
         flat = torch.frombuffer(mapped, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
         return flat.view(info.dtype).reshape(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's memory (they stay in the page cache)."""
-        info = self.tensors[name]
-        mapped = self._maps.get(info.file)
-        if mapped is None or info.end == info.start:
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read the tensor's pages ahead of use."""
+        self._advise(name, "MADV_WILLNEED")
+
+    def release(self, name: str, first_byte: int = 0, end_byte: Optional[int] = None) -> None:
+        """Drop the tensor's pages (or those of a byte range of it) from this process's
+        memory; they stay in the page cache, and are read back if touched again."""
+        self._advise(name, "MADV_DONTNEED", first_byte, end_byte)
+
+    def _advise(self, name: str, advice: str, first_byte: int = 0, end_byte: Optional[int] = None) -> None:
+        info = self.tensors.get(name)
+        if info is None or info.file is None or info.end == info.start:
             return
+        mapped = self._map(info.file)
         page = mmap.PAGESIZE
-        start = (info.start // page) * page
+        start = ((info.start + first_byte) // page) * page
+        end = info.end if end_byte is None else min(info.end, info.start + end_byte)
+        if end <= start:
+            return
         try:
-            mapped.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+            mapped.madvise(getattr(mmap, advice), start, end - start)
         except (OSError, ValueError, AttributeError):
-            pass
+            pass  # advice only: platforms without madvise still merge correctly
 
     def _map(self, file: Path) -> mmap.mmap:
         mapped = self._maps.get(file)

@@ -1,24 +1,30 @@
 """The streaming executor: read each task's inputs, call the method, hand the result on.
 
-One tensor at a time (the next task's inputs are read on a second thread while the
-current one computes), arithmetic in float32 on `device`, one cast on output.
+Elementwise methods (linear, slerp, task_arithmetic, nearswap, passthrough) run in
+row blocks: a pass over the blocks for the few tensor-wide sums they need, then a pass
+that computes and emits each block. Memory stays at a few blocks whatever the tensor's
+size. Other methods get whole tensors, and their result is emitted in blocks. All
+arithmetic is float32 on `device`; each block is cast once, to the output dtype.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 
+from .errors import MergeError
 from .methods.registry import TensorInputs
 from .plan import MergePlan, TensorTask
 
 Progress = Callable[[int, int, str], None]
+BLOCK_ELEMENTS = 1024 * 1024  # 4 MB of float32 per input block: flat memory, no loss of speed
 
 
 class Sink(Protocol):
-    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def write(self, name: str, blocks: Iterator[torch.Tensor]) -> None:
+        """Take one tensor as consecutive row blocks (their rows concatenated, in order)."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -26,50 +32,107 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        from .errors import MergeError
         raise MergeError("--device cuda was asked for, but no CUDA device is available")
     return torch.device(device)
 
 
-def fit_rows(tensor: torch.Tensor, rows: int, filler: torch.Tensor) -> torch.Tensor:
-    """Cut a vocabulary tensor to `rows`, or pad it with the filler's rows."""
-    if tensor.shape[0] >= rows:
-        return tensor[:rows]
-    return torch.cat([tensor, filler[tensor.shape[0]:rows]], dim=0)
+class TaskInputs:
+    """A task's input tensors as stored (views of the mapped files), read by row blocks."""
+
+    def __init__(self, plan: MergePlan, task: TensorTask, device: torch.device):
+        self.task = task
+        self.device = device
+        self.sources = [(plan.checkpoints[model], name) for model, name in task.inputs]
+        self.stored = [checkpoint.read(name) for checkpoint, name in self.sources]
+        self.rows = task.shape[0] if task.shape else 1
+
+    def release(self, start: int = 0, stop: Optional[int] = None) -> None:
+        """Hand rows [start, stop) of the inputs back to the page cache (all rows by default)."""
+        for (checkpoint, name), tensor in zip(self.sources, self.stored):
+            row_bytes = tensor[0].numel() * tensor.element_size() if tensor.dim() else 0
+            end = None if stop is None else stop * row_bytes
+            checkpoint.release(name, start * row_bytes, end)
+
+    def block(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Rows [start, stop) of every input, in float32 on the device; vocabulary tensors
+        cut or padded (from the filler input) to the planned row count."""
+        if not self.task.shape:
+            return [self._convert(t) for t in self.stored]
+        blocks = [self._rows(tensor, start, stop) for tensor in self.stored]
+        if self.task.vocab_rows is not None:
+            filler = self.stored[self.task.filler_index]
+            blocks = [b if b.shape[0] == stop - start else
+                      torch.cat([b, self._convert(filler[start + b.shape[0]:stop])]) for b in blocks]
+        return blocks
+
+    def _rows(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self._convert(tensor[start:min(stop, tensor.shape[0])])
+
+    def _convert(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        return tensor.to(device=self.device, dtype=torch.float32)
+
+    def block_rows(self) -> int:
+        row_size = 1
+        for size in self.task.shape[1:]:
+            row_size *= size
+        return max(1, BLOCK_ELEMENTS // max(1, row_size))
 
 
-def read_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> list[torch.Tensor]:
-    """The task's input tensors in float32 on `device` (views of the files when already so)."""
-    tensors = []
-    for model, name in task.inputs:
-        checkpoint = plan.checkpoints[model]
-        stored = checkpoint.read(name)
-        if stored.is_floating_point():
-            stored = stored.to(device=device, dtype=torch.float32)
-        tensors.append(stored)
-    if task.vocab_rows is not None:
-        filler = tensors[task.filler_index]
-        tensors = [fit_rows(t, task.vocab_rows, filler) for t in tensors]
-    return tensors
-
-
-def release_inputs(plan: MergePlan, task: TensorTask) -> None:
-    for model, name in task.inputs:
-        plan.checkpoints[model].release(name)
-
-
-def compute(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], seed: int) -> torch.Tensor:
-    """The merged tensor for one task, in float32 on the inputs' device."""
-    if not tensors[0].is_floating_point():
-        return tensors[0]  # integer buffers are copied from the first input
+def make_inputs(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor],
+                seed: int) -> TensorInputs:
     base = tensors[task.base_index] if task.base_index is not None else None
     models = [t for i, t in enumerate(tensors) if i != task.base_index]
     generator = None
     if plan.method.random:
         generator = torch.Generator(device=tensors[0].device)
         generator.manual_seed(task.seed(seed))
-    inputs = TensorInputs(models, base, task.params, task.model_params, generator, task.name)
-    return plan.method.merge(inputs)
+    return TensorInputs(models, base, task.params, task.model_params, generator, task.name)
+
+
+def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed: int) -> Iterator[torch.Tensor]:
+    """The task's output, cast to its dtype, as consecutive row blocks on the CPU."""
+    inputs = TaskInputs(plan, task, device)
+    step = inputs.block_rows()
+    elementwise = plan.method.elementwise
+    first_dtype = inputs.stored[0].dtype
+    if not first_dtype.is_floating_point:
+        yield inputs.stored[0].clone()  # integer buffers are copied from the first input
+        return
+    if elementwise is None or not task.shape:
+        result = plan.method.merge(make_inputs(plan, task, inputs.block(0, inputs.rows), seed))
+        inputs.release()
+        for start in range(0, max(1, inputs.rows), step) if task.shape else [0]:
+            block = result[start:start + step] if task.shape else result
+            yield block.to(dtype=task.out_dtype).cpu()
+        return
+    starts = list(range(0, inputs.rows, step))
+    cached = None
+    sums = None
+    if elementwise.statistics is not None:
+        for start in starts:
+            block = make_inputs(plan, task, inputs.block(start, start + step), seed)
+            partial = elementwise.statistics(block).double()
+            sums = partial if sums is None else sums + partial
+            if len(starts) == 1:
+                cached = block  # one block: read it once
+            else:
+                inputs.release(start, start + step)  # read again, from the page cache, below
+    coefficients = None
+    for index, start in enumerate(starts):
+        block = cached or make_inputs(plan, task, inputs.block(start, start + step), seed)
+        if index == 0:  # parameters are per tensor, so the first block's serve them all
+            coefficients = elementwise.coefficients(sums, block)
+        output = elementwise.combine(block, coefficients).to(dtype=task.out_dtype).cpu()
+        inputs.release(start, start + step)
+        yield output
+
+
+def merge_tensor(plan: MergePlan, task: TensorTask, device: str = "cpu", seed: int = 0) -> torch.Tensor:
+    """One output tensor, whole (for tests and callers that want a single tensor)."""
+    blocks = list(merged_blocks(plan, task, resolve_device(device), seed))
+    return torch.cat([b.reshape(-1) for b in blocks]).reshape(task.shape)
 
 
 def run_plan(plan: MergePlan, sink: Sink, device: str = "auto", seed: int = 0,
@@ -77,15 +140,15 @@ def run_plan(plan: MergePlan, sink: Sink, device: str = "auto", seed: int = 0,
     """Compute every task of `plan` in order and write each result to `sink`."""
     target = resolve_device(device)
     total = len(plan.tasks)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as reader:
-        pending = reader.submit(read_inputs, plan, plan.tasks[0], target) if total else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="readahead") as readahead:
         for index, task in enumerate(plan.tasks):
-            tensors = pending.result()
-            if index + 1 < total:
-                pending = reader.submit(read_inputs, plan, plan.tasks[index + 1], target)
-            result = compute(plan, task, tensors, seed)
-            sink.write(task.name, result.to(dtype=task.out_dtype))
-            del tensors, result
-            release_inputs(plan, task)
+            if index + 1 < total:  # ask the kernel for the next task's pages meanwhile
+                readahead.submit(_prefetch, plan, plan.tasks[index + 1])
+            sink.write(task.name, merged_blocks(plan, task, target, seed))
             if progress is not None:
                 progress(index + 1, total, task.name)
+
+
+def _prefetch(plan: MergePlan, task: TensorTask) -> None:
+    for model, name in task.inputs:
+        plan.checkpoints[model].prefetch(name)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -41,18 +41,24 @@ class ShardedSafetensorsWriter:
         self._handle = None
         self._remaining_in_shard = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
+        """Stream one tensor, given as consecutive row blocks, into its shard."""
         if self._next >= len(self._order) or self._order[self._next] != name:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
             raise RuntimeError(f"writer expected tensor {expected}, got {name}")
         dtype, shape = self._specs[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise RuntimeError(f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         if self._remaining_in_shard == 0:
             self._open_next_shard()
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        written = 0
+        for block in blocks:
+            if block.dtype != dtype:
+                raise RuntimeError(f"{name}: expected {dtype}, got {block.dtype}")
+            data = block.detach().to("cpu").contiguous().reshape(-1)
+            if data.numel():
+                self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+            written += data.numel() * data.element_size()
+        if written != _nbytes(dtype, shape):
+            raise RuntimeError(f"{name}: wrote {written} bytes, expected {_nbytes(dtype, shape)}")
         self._remaining_in_shard -= 1
         self._next += 1
         if self._remaining_in_shard == 0:

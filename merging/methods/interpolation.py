@@ -5,6 +5,8 @@ All arithmetic is float32 on whatever device the inputs live on.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import MergeError
@@ -12,6 +14,7 @@ from .registry import (
     BASE_IGNORED,
     BASE_OPTIONAL,
     BASE_REQUIRED,
+    Elementwise,
     Method,
     Parameter,
     TensorInputs,
@@ -20,55 +23,61 @@ from .registry import (
 )
 
 
-def linear(inputs: TensorInputs) -> torch.Tensor:
-    """Model soup: sum_i w_i x_i, divided by sum_i w_i when `normalize`."""
+def linear_coefficients(sums, inputs: TensorInputs) -> list[float]:
+    """w_i, or w_i / sum_j w_j when `normalize`."""
     weights = inputs.per_model("weight")
-    result = torch.zeros_like(inputs.models[0])
-    for weight, tensor in zip(weights, inputs.models):
-        result.add_(tensor, alpha=weight)
-    if inputs.params["normalize"]:
-        total = sum(weights)
-        if abs(total) < 1e-12:
-            raise MergeError(f"linear weights sum to 0 for {inputs.name}; cannot normalize")
-        result.div_(total)
+    if not inputs.params["normalize"]:
+        return weights
+    total = sum(weights)
+    if abs(total) < 1e-12:
+        raise MergeError(f"linear weights sum to 0 for {inputs.name}; cannot normalize")
+    return [w / total for w in weights]
+
+
+def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
+    """sum_i c_i x_i with one output buffer."""
+    result = torch.mul(tensors[0], coefficients[0])
+    for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
+        result.add_(tensor, alpha=coefficient)
     return result
 
 
-def _unit_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    norm = torch.linalg.vector_norm(x)
-    return torch.where(norm > eps, norm, torch.ones_like(norm))
+def linear_combine(inputs: TensorInputs, coefficients: list[float]) -> torch.Tensor:
+    """Model soup: sum_i w_i x_i, divided by sum_i w_i when `normalize`."""
+    return weighted_sum(inputs.models, coefficients)
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
-                  eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors.
-
-    dot = <v0/|v0|, v1/|v1|>; if |dot| > dot_threshold, (1-t) v0 + t v1; otherwise
-    theta = arccos(dot) and the result is
-    [sin((1-t) theta) v0 + sin(t theta) v1] / sin(theta), on the un-normalized tensors.
-    """
-    coef0, coef1 = slerp_coefficients(t, slerp_dot(v0, v1, eps), dot_threshold)
-    return v0 * coef0 + v1 * coef1
+def slerp_statistics(inputs: TensorInputs) -> torch.Tensor:
+    """<v0,v1>, <v0,v0>, <v1,v1>: sums that add up over row blocks."""
+    v0, v1 = inputs.base.reshape(-1), inputs.models[0].reshape(-1)
+    return torch.stack([torch.dot(v0, v1), torch.dot(v0, v0), torch.dot(v1, v1)])
 
 
-def slerp_dot(v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> float:
-    """Cosine of the angle between two flattened tensors (norms under eps count as 1)."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    return float(torch.dot(a, b) / (_unit_norm(a, eps) * _unit_norm(b, eps)))
+def slerp_cosine(sums: torch.Tensor, eps: float = 1e-8) -> float:
+    """cos of the angle from (<v0,v1>, |v0|^2, |v1|^2); norms under eps count as 1."""
+    dot, square0, square1 = (float(x) for x in sums)
+    norm0, norm1 = square0 ** 0.5, square1 ** 0.5
+    return dot / ((norm0 if norm0 > eps else 1.0) * (norm1 if norm1 > eps else 1.0))
 
 
 def slerp_coefficients(t: float, dot: float, dot_threshold: float = 0.9995) -> tuple[float, float]:
-    """The (c0, c1) with slerp(t) = c0 v0 + c1 v1; linear when the tensors are nearly parallel."""
+    """The (c0, c1) with slerp(t) = c0 v0 + c1 v1.
+
+    dot = <v0/|v0|, v1/|v1|>; if |dot| > dot_threshold the tensors are nearly parallel
+    and the result is (1-t) v0 + t v1; otherwise theta = arccos(dot) and
+    c0 = sin((1-t) theta) / sin(theta), c1 = sin(t theta) / sin(theta).
+    """
     dot = min(1.0, max(-1.0, dot))
     if abs(dot) > dot_threshold:
         return 1.0 - t, t
-    theta = torch.acos(torch.tensor(dot, dtype=torch.float64))
-    sin_theta = torch.sin(theta)
-    return (float(torch.sin((1 - t) * theta) / sin_theta), float(torch.sin(t * theta) / sin_theta))
+    theta = math.acos(dot)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def slerp(inputs: TensorInputs) -> torch.Tensor:
-    return slerp_tensors(inputs.params["t"], inputs.base, inputs.models[0])
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors, t=0 giving v0 and t=1 giving v1."""
+    sums = torch.stack([torch.dot(v0.reshape(-1), v1.reshape(-1)), v0.pow(2).sum(), v1.pow(2).sum()])
+    return weighted_sum([v0, v1], list(slerp_coefficients(t, slerp_cosine(sums.double()))))
 
 
 def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool,
@@ -184,15 +193,20 @@ def karcher(inputs: TensorInputs) -> torch.Tensor:
 
 
 register(Method(
-    "linear", "weighted average of the models (model soup)", linear,
+    "linear", "weighted average of the models (model soup)", None,
     (weight_parameter(),
      Parameter("normalize", bool, True, help="divide by the sum of the weights")),
-    base=BASE_IGNORED, min_models=1, reference="https://arxiv.org/abs/2203.05482"))
+    base=BASE_IGNORED, min_models=1, reference="https://arxiv.org/abs/2203.05482",
+    elementwise=Elementwise(linear_combine, linear_coefficients)))
 
 register(Method(
-    "slerp", "spherical interpolation between the base (t=0) and one other model (t=1)", slerp,
+    "slerp", "spherical interpolation between the base (t=0) and one other model (t=1)", None,
     (Parameter("t", float, low=0.0, high=1.0, help="0 gives the base model, 1 the other model"),),
-    base=BASE_REQUIRED, min_models=1, max_models=1))
+    base=BASE_REQUIRED, min_models=1, max_models=1,
+    elementwise=Elementwise(
+        combine=lambda inputs, coefficients: weighted_sum([inputs.base, inputs.models[0]], list(coefficients)),
+        coefficients=lambda sums, inputs: slerp_coefficients(inputs.params["t"], slerp_cosine(sums)),
+        statistics=slerp_statistics)))
 
 register(Method(
     "nuslerp", "slerp of two models (or their task vectors) with weights, by tensor, row or column",

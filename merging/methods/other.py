@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from .registry import BASE_IGNORED, BASE_REQUIRED, Method, Parameter, TensorInputs, register
+from .registry import BASE_IGNORED, BASE_REQUIRED, Elementwise, Method, Parameter, TensorInputs, register
 from .task_arithmetic import sign_mask
 
 
@@ -68,7 +68,7 @@ def _variance_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask
 
 
-def nearswap(inputs: TensorInputs) -> torch.Tensor:
+def nearswap(inputs: TensorInputs, coefficients=None) -> torch.Tensor:
     """w = clamp(t / max(|base - x|, 1e-6), 0, 1); result = w x + (1 - w) base: entries
     where the two models are closer than t take the other model's value."""
     base, other = inputs.base, inputs.models[0]
@@ -76,7 +76,7 @@ def nearswap(inputs: TensorInputs) -> torch.Tensor:
     return weight * other + (1 - weight) * base
 
 
-def passthrough(inputs: TensorInputs) -> torch.Tensor:
+def passthrough(inputs: TensorInputs, coefficients=None) -> torch.Tensor:
     """The single source tensor, optionally multiplied by its `scale`."""
     scale = inputs.model_params[0].get("scale")
     tensor = inputs.models[0]
@@ -97,12 +97,12 @@ register(Method(
     base=BASE_REQUIRED, min_models=1, reference="https://arxiv.org/abs/2408.07990"))
 
 register(Method(
-    "nearswap", "base, with entries that are close to the other model's swapped in", nearswap,
+    "nearswap", "base, with entries that are close to the other model's swapped in", None,
     (Parameter("t", float, low=0.0, help="distance under which an entry is taken from the other model"),),
-    base=BASE_REQUIRED, min_models=1, max_models=1))
+    base=BASE_REQUIRED, min_models=1, max_models=1, elementwise=Elementwise(nearswap)))
 
 register(Method(
     "passthrough", "copy tensors unchanged; with slices, stack layers from several models",
-    passthrough,
+    None,
     (Parameter("scale", float, None, per_model=True, help="multiply the copied tensor by this"),),
-    base=BASE_IGNORED, min_models=1, max_models=1))
+    base=BASE_IGNORED, min_models=1, max_models=1, elementwise=Elementwise(passthrough)))

@@ -107,6 +107,25 @@ class TensorInputs:
         return [p[key] for p in self.model_params]
 
 
+@dataclass(frozen=True)
+class Elementwise:
+    """A method whose output, once a few tensor-wide sums are known, is computed entry by
+    entry. The engine then streams such tensors in row blocks: flat memory, any size.
+
+    statistics(inputs) -> 1-D tensor of sums that add up across row blocks (or None);
+    coefficients(sums, inputs) -> whatever combine needs (sums is None without statistics);
+    combine(inputs, coefficients) -> the output for the rows in `inputs`.
+    """
+
+    combine: Callable[["TensorInputs", Any], torch.Tensor]
+    coefficients: Callable[[Optional[torch.Tensor], "TensorInputs"], Any] = lambda sums, inputs: None
+    statistics: Optional[Callable[["TensorInputs"], torch.Tensor]] = None
+
+    def merge(self, inputs: "TensorInputs") -> torch.Tensor:
+        sums = self.statistics(inputs).double() if self.statistics else None
+        return self.combine(inputs, self.coefficients(sums, inputs))
+
+
 # How a method treats the config's base_model.
 BASE_REQUIRED = "required"  # the base is a distinguished input (task vectors, slerp)
 BASE_OPTIONAL = "optional"  # used when given
@@ -123,7 +142,7 @@ class Method:
 
     name: str
     summary: str
-    merge: Callable[[TensorInputs], torch.Tensor]
+    merge: Optional[Callable[[TensorInputs], torch.Tensor]]
     parameters: tuple[Parameter, ...] = ()
     base: str = BASE_IGNORED
     min_models: int = 1
@@ -131,6 +150,13 @@ class Method:
     random: bool = False
     check: Optional[Callable[[dict, list[dict], str], None]] = field(default=None)
     reference: str = ""
+    elementwise: Optional[Elementwise] = None
+
+    def __post_init__(self):
+        if self.merge is None:
+            if self.elementwise is None:
+                raise ValueError(f"method {self.name} needs merge or elementwise")
+            object.__setattr__(self, "merge", self.elementwise.merge)
 
     def parameter(self, name: str) -> Optional[Parameter]:
         return next((p for p in self.parameters if p.name == name), None)

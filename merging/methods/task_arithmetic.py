@@ -22,7 +22,15 @@ import torch
 
 from ..errors import MergeError
 from . import sparsify
-from .registry import BASE_REQUIRED, Method, Parameter, TensorInputs, register, weight_parameter
+from .registry import (
+    BASE_REQUIRED,
+    Elementwise,
+    Method,
+    Parameter,
+    TensorInputs,
+    register,
+    weight_parameter,
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,22 @@ def combine(inputs: TensorInputs, family: Family) -> torch.Tensor:
     return base + mixed
 
 
+def task_arithmetic_coefficients(sums, inputs: TensorInputs) -> list[float]:
+    """c_i = lambda w_i (/ sum_j w_j when normalize), so that result = b + sum_i c_i d_i."""
+    weights = inputs.per_model("weight")
+    divisor = sum(weights) if inputs.params["normalize"] else 1.0
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    return [inputs.params["lambda"] * w / divisor for w in weights]
+
+
+def task_arithmetic_combine(inputs: TensorInputs, coefficients: list[float]) -> torch.Tensor:
+    result = inputs.base.clone()
+    for model, coefficient in zip(inputs.models, coefficients):
+        result.add_(model - inputs.base, alpha=coefficient)
+    return result
+
+
 def _check_della(params: dict, model_params: list[dict], where: str) -> None:
     for values in model_params:
         density, epsilon = values["density"], values["epsilon"]
@@ -123,10 +147,14 @@ def _family_method(name: str, summary: str, family: Family, reference: str) -> M
     if family.sign_vote:
         parameters.append(Parameter("int8_mask", bool, False,
                                     help="accepted for mergekit compatibility; no effect here"))
+    elementwise = None
+    if family.pruning is None and not family.sign_vote:
+        elementwise = Elementwise(task_arithmetic_combine, task_arithmetic_coefficients)
     return Method(
-        name, summary, lambda inputs: combine(inputs, family), tuple(parameters),
+        name, summary, None if elementwise else (lambda inputs: combine(inputs, family)), tuple(parameters),
         base=BASE_REQUIRED, min_models=1, random=family.pruning in ("random", "della"),
-        check=_check_della if family.pruning == "della" else None, reference=reference)
+        check=_check_della if family.pruning == "della" else None, reference=reference,
+        elementwise=elementwise)
 
 
 for _name, _summary, _family, _reference in (

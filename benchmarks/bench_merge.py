@@ -1,0 +1,151 @@
+"""Side by side: our CLI and mergekit-yaml on the same config, whole processes.
+
+    python benchmarks/bench_merge.py [--runs 5] [--cache DIR] [--config gradient_slerp]
+
+Builds the SmolLM2-135M pair (base and a low-rank child; see smollm2.py), then runs
+`python -m merging` and `mergekit-yaml` alternately, `--runs` times each after one
+warm-up each, measuring wall time and peak resident memory (the child's max RSS from
+wait4). Prints a Markdown table of medians and ratios, and checks the outputs are
+equal. Needs mergekit installed (requirements-test.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# This process stays small (no torch until the end): a child's peak RSS as reported by
+# wait4 starts from its parent's size at fork time.
+REPO = Path(__file__).resolve().parent.parent
+
+CONFIGS = {
+    # LazyMergekit's seed recipe: per-module gradients over the layers.
+    "gradient_slerp": """\
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 30]
+      - model: {child}
+        layer_range: [0, 30]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+out_dtype: bfloat16
+""",
+    "ties": """\
+models:
+  - model: {child}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {child2}
+    parameters: {{weight: 0.4, density: 0.5}}
+merge_method: ties
+base_model: {base}
+dtype: float32
+out_dtype: bfloat16
+""",
+}
+
+
+def run_measured(command: list[str], env: dict) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one whole process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{command[0]} failed: {process.stderr.read().decode()[-2000:]}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def compare_outputs(ours: Path, theirs: Path) -> str:
+    """How far apart the two outputs are: identical entries, and the largest difference in
+    units of one rounding step of the storage dtype at the tensor's largest value."""
+    import torch
+    from safetensors.torch import load_file
+
+    a = {k: v for f in ours.glob("*.safetensors") for k, v in load_file(f).items()}
+    b = {k: v for f in theirs.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    total = differing = 0
+    worst_steps = 0.0
+    for name, expected in b.items():
+        actual = a[name]
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+        total += expected.numel()
+        differing += int((actual != expected).sum())
+        step = torch.finfo(expected.dtype).eps * expected.float().abs().max().clamp(min=1e-30)
+        worst_steps = max(worst_steps, float((actual.float() - expected.float()).abs().max() / step))
+    dtype = str(next(iter(b.values())).dtype).replace("torch.", "")
+    return (f"{total - differing:,} of {total:,} entries bitwise identical; the other {differing:,} "
+            f"({differing / total:.2%}) differ by at most {worst_steps:.2f} {dtype} rounding steps "
+            "at their tensor's largest value")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mergelab" / "bench")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="gradient_slerp")
+    args = parser.parse_args()
+
+    built = subprocess.run([sys.executable, str(Path(__file__).parent / "smollm2.py"), str(args.cache)],
+                           check=True, capture_output=True, text=True)
+    base, child, child2 = built.stdout.split()
+    work = Path(tempfile.mkdtemp(prefix="mergelab-bench-"))
+    config = work / "config.yml"
+    config.write_text(CONFIGS[args.config].format(base=base, child=child, child2=child2))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    commands = {
+        "mergelab": lambda out: [sys.executable, "-m", "merging", str(config), str(out)],
+        "mergekit": lambda out: ["mergekit-yaml", str(config), str(out), "--device", "cpu"],
+    }
+    results = {name: [] for name in commands}
+    try:
+        for run in range(args.runs + 1):  # the first round warms the page cache and is dropped
+            for name, command in commands.items():
+                out = work / f"{name}-{run}"
+                elapsed, peak = run_measured(command(out), env)
+                if run > 0:
+                    results[name].append((elapsed, peak))
+                if run == args.runs:
+                    continue
+                shutil.rmtree(out)
+        comparison = compare_outputs(work / f"mergelab-{args.runs}", work / f"mergekit-{args.runs}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def median(name, index):
+        return statistics.median(r[index] for r in results[name])
+
+    ours_time, theirs_time = median("mergelab", 0), median("mergekit", 0)
+    ours_peak, theirs_peak = median("mergelab", 1), median("mergekit", 1)
+    from importlib.metadata import version
+    print(f"config: {args.config} on SmolLM2-135M (base + rank-8 children), {args.runs} runs each, "
+          f"{os.cpu_count()} CPU cores, torch {version('torch')}, mergekit {version('mergekit')}")
+    print()
+    print("| tool | wall time (median) | peak RSS (median) |")
+    print("|---|---|---|")
+    print(f"| MergeLab `python -m merging` | {ours_time:.2f} s | {ours_peak / 2**20:.0f} MiB |")
+    print(f"| mergekit 0.1.5 `mergekit-yaml` | {theirs_time:.2f} s | {theirs_peak / 2**20:.0f} MiB |")
+    print(f"| ratio (MergeLab / mergekit) | {ours_time / theirs_time:.2f} | {ours_peak / theirs_peak:.2f} |")
+    print()
+    print(f"outputs: {comparison}")
+
+
+if __name__ == "__main__":
+    main()
