@@ -58,6 +58,7 @@ class TaskInputs:
         cut or padded (from the filler input) to the planned row count."""
         if not self.task.shape:
             return [self._convert(t) for t in self.stored]
+        stop = min(stop, self.rows)
         blocks = [self._rows(tensor, start, stop) for tensor in self.stored]
         if self.task.vocab_rows is not None:
             filler = self.stored[self.task.filler_index]
