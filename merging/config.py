@@ -225,7 +225,7 @@ class MergeConfig:
     def parameter_scopes(self):
         """(label, dict) for every parameters block in the config."""
         if self.parameters:
-            yield "", self.parameters
+            yield " in the top-level parameters", self.parameters
         for model in self.models or []:
             if model.parameters:
                 yield f" of model '{model.model}'", model.parameters

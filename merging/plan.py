@@ -70,11 +70,16 @@ class MergePlan:
         return sum(task.nbytes for task in self.tasks)
 
     def peak_bytes_estimate(self) -> int:
-        """Tensors in flight for the largest task: inputs and scratch in float32, plus output."""
+        """Tensors in flight for the largest task, in float32: whole inputs and scratch for
+        methods that need whole tensors, a few row blocks for elementwise ones."""
+        from .engine import BLOCK_ELEMENTS
+
         worst = 0
         for task in self.tasks:
             numel = task.nbytes // task.out_dtype.itemsize
-            worst = max(worst, numel * 4 * (2 * len(task.inputs) + 3) + task.nbytes)
+            if self.method.elementwise is not None:
+                numel = min(numel, BLOCK_ELEMENTS)
+            worst = max(worst, numel * 4 * (2 * len(task.inputs) + 3))
         return worst
 
     def tensor_infos(self) -> dict[str, TensorInfo]:
@@ -93,7 +98,8 @@ class MergePlan:
             lines.append(f"model: {name}{role}: {checkpoint.num_layers} layers, {len(checkpoint.tensors)} tensors")
         lines.append(f"output: {self.num_layers} layers, {len(self.tasks)} tensors, "
                      f"{format_bytes(self.output_bytes)}")
-        lines.append(f"estimated peak memory: {format_bytes(self.peak_bytes_estimate())} of tensors in flight")
+        lines.append(f"estimated peak memory: {format_bytes(self.peak_bytes_estimate())} of tensors in flight, "
+                     "plus about 250 MB for Python and torch")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 

@@ -1,0 +1,30 @@
+"""The README stays true to the code: every method and CLI option is documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from merging import METHODS
+from merging.__main__ import build_parser
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_every_method_is_in_the_readme_table():
+    for name, method in METHODS.items():
+        assert f"| `{name}` | {method.summary} |" in README, name
+
+
+def test_every_cli_option_is_documented():
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                assert f"`{option}`" in README, option
+
+
+def test_the_two_setup_commands_are_there():
+    assert "pip install -r requirements.txt && python app.py" in README
+    assert "pip install -r requirements-test.txt && python -m pytest -q" in README
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert "pip install --quiet --disable-pip-version-check -r requirements-test.txt" in ci
+    assert "python -m pytest -q" in ci
