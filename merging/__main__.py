@@ -70,7 +70,10 @@ def run(args) -> int:
     from .plan import format_bytes
     from .writer import check_output_folder
 
+    from .engine import resolve_device
+
     config = load_config(args.config)
+    resolve_device(args.device)
     if not args.dry_run:
         check_output_folder(__import__("pathlib").Path(args.out_dir), args.overwrite)
     plans = plan_stages(config, download_weights=not args.dry_run)

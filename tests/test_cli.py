@@ -73,7 +73,7 @@ BAD_CONFIGS = {
     "slerp without t": ("models:\n  - model: {c1}\nmerge_method: slerp\nbase_model: {base}\n",
                         "slerp needs parameter 't'"),
     "t out of range": ("models:\n  - model: {c1}\nmerge_method: slerp\nbase_model: {base}\n"
-                       "parameters: {{t: [0, 1.5]}}\n", "t=1.5 is above its maximum 1"),
+                       "parameters: {{t: [0, 1.5]}}\n", "t=1.5 in the top-level parameters is above its maximum 1"),
     "della epsilon": ("models:\n  - model: {c1}\n    parameters: {{weight: 1, density: 0.9, epsilon: 0.2}}\n"
                       "merge_method: della\nbase_model: {base}\n", "della needs 0 < density-epsilon"),
     "typo in parameter": ("models:\n  - model: {c1}\n    parameters: {{weight: 1, desnity: 0.5}}\n"
@@ -185,3 +185,66 @@ def test_cli_does_not_import_transformers_or_gradio(tiny, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tiny, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_cli(write_config(tmp_path, SLERP, tiny), tmp_path / "out", "--device", "cuda")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --device cuda was asked for, but no CUDA device is available"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_merge_equals_cpu_merge(tiny, tmp_path):
+    from helpers import max_relative_error
+    text = ("models:\n  - model: {c1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {c2}\n"
+            "    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: ties\nbase_model: {base}\n")
+    config = write_config(tmp_path, text, tiny)
+    for device in ("cpu", "cuda"):
+        assert run_cli(config, tmp_path / device, "--device", device).returncode == 0
+    assert max_relative_error(load_tensors(tmp_path / "cuda"), load_tensors(tmp_path / "cpu")) < 1e-5
+
+
+@pytest.mark.parametrize("method, density", [("dare_linear", 0.3), ("dare_ties", 0.6), ("della", 0.5)])
+def test_random_methods_end_to_end_keep_about_density(method, density, tiny, tmp_path):
+    extra = ", epsilon: 0.1" if method == "della" else ""
+    text = (f"models:\n  - model: {{c1}}\n    parameters: {{{{weight: 1.0, density: {density}{extra}}}}}\n"
+            f"merge_method: {method}\nbase_model: {{base}}\ndtype: float32\n")
+    config = write_config(tmp_path, text, tiny)
+    assert run_cli(config, tmp_path / "a", "--seed", "7").returncode == 0
+    assert run_cli(config, tmp_path / "b", "--seed", "7").returncode == 0
+    merged, base = load_tensors(tmp_path / "a"), load_tensors(tiny["base"])
+    assert all(torch.equal(merged[k], v) for k, v in load_tensors(tmp_path / "b").items())  # same seed
+    changed = sum(int((merged[k] != base[k]).sum()) for k in base)
+    total = sum(v.numel() for v in base.values())
+    assert abs(changed / total - density) < 0.01
+
+
+def test_chat_template_by_name(tiny, tmp_path):
+    from transformers import AutoTokenizer
+    text = SLERP + "chat_template: chatml\n"
+    assert run_cli(write_config(tmp_path, text, tiny), tmp_path / "out").returncode == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_template_auto_takes_the_inputs_template(tiny, tmp_path):
+    text = SLERP + "chat_template: auto\n"
+    assert run_cli(write_config(tmp_path, text, tiny), tmp_path / "out").returncode == 0
+    assert (tmp_path / "out" / "chat_template.jinja").read_text().strip() == \
+        (tiny["base"] / "chat_template.jinja").read_text().strip()
+
+
+def test_dry_run_of_a_multi_stage_file_checks_every_stage(tiny, tmp_path):
+    from test_mergekit_equality import MULTI_STAGE
+    config = write_config(tmp_path, MULTI_STAGE, tiny)
+    result = run_cli(config, tmp_path / "out", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("== stage") == 3
+    broken = write_config(tmp_path, MULTI_STAGE.replace("model: second", "model: secnd"), tiny)
+    result = run_cli(broken, tmp_path / "out", "--dry-run")
+    assert result.returncode == 2 and "'secnd' is neither a local folder nor a hub id" in result.stderr
