@@ -130,12 +130,6 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
         yield output
 
 
-def merge_tensor(plan: MergePlan, task: TensorTask, device: str = "cpu", seed: int = 0) -> torch.Tensor:
-    """One output tensor, whole (for tests and callers that want a single tensor)."""
-    blocks = list(merged_blocks(plan, task, resolve_device(device), seed))
-    return torch.cat([b.reshape(-1) for b in blocks]).reshape(task.shape)
-
-
 def run_plan(plan: MergePlan, sink: Sink, device: str = "auto", seed: int = 0,
              progress: Optional[Progress] = None) -> None:
     """Compute every task of `plan` in order and write each result to `sink`."""

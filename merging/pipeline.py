@@ -73,11 +73,11 @@ def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Opt
             stage = plan.config
             # swap the planned stand-ins for the folders the earlier stages wrote
             plan.checkpoints.update({name: written[name] for name in plan.checkpoints if name in written})
-            final = index == len(plans) - 1
-            target = out_dir if final else work / stage.name
-            write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=final and overwrite
-                        or (not final))
-            if not final:
+            if index == len(plans) - 1:
+                write_merge(plan, out_dir, device, progress, seed, out_shard_size, overwrite)
+            else:  # an intermediate folder left by an earlier run is stale: replace it
+                target = work / stage.name
+                write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=True)
                 written[stage.name] = Checkpoint.from_folder(target, stage.name)
         return out_dir
     finally:

@@ -124,7 +124,7 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
     reference_name = config.base_model or slices[0].sources[0].model
     reference = checkpoints[reference_name]
     _check_compatible(config, checkpoints, reference_name, warnings)
-    for index, output_slice in enumerate(slices):
+    for output_slice in slices:
         for source in output_slice.sources:
             available = checkpoints[source.model].num_layers
             if source.layer_range[1] > available:

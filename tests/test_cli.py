@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import load_tensors, run_cli
-from merging import MergeConfig, MergeError, merge
+from merging import MergeConfig, merge
 
 SLERP = """
 models:

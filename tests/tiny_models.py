@@ -56,7 +56,7 @@ def make_child(base: Path, folder: Path, *, seed: int, scale: float = 0.02, rank
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if rank is not None and parameter.dim() == 2:
                 left = torch.randn(parameter.shape[0], rank, generator=generator)
                 right = torch.randn(rank, parameter.shape[1], generator=generator)

@@ -74,12 +74,6 @@ def slerp_coefficients(t: float, dot: float, dot_threshold: float = 0.9995) -> t
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors, t=0 giving v0 and t=1 giving v1."""
-    sums = torch.stack([torch.dot(v0.reshape(-1), v1.reshape(-1)), v0.pow(2).sum(), v1.pow(2).sum()])
-    return weighted_sum([v0, v1], list(slerp_coefficients(t, slerp_cosine(sums.double()))))
-
-
 def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool,
                     flatten: bool, eps: float = 1e-8) -> torch.Tensor:
     """Slerp along vectors: the whole tensor (flatten), each row, or each column (row_wise).
