@@ -76,7 +76,7 @@ def run(args) -> int:
     resolve_device(args.device)
     if not args.dry_run:
         check_output_folder(__import__("pathlib").Path(args.out_dir), args.overwrite)
-    plans = plan_stages(config, download_weights=not args.dry_run)
+    plans = plan_stages(config)
     for plan in plans:
         if isinstance(config, MultiStageConfig):
             print(f"stage {plan.config.name or 'final'}:", file=sys.stderr)

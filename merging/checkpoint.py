@@ -106,6 +106,8 @@ class Checkpoint:
             return Checkpoint.from_folder(folder, reference)
         if folder.suffix in (".safetensors", ".gguf", ".bin") or folder.exists():
             raise MergeError(f"model '{reference}' must be a folder with config.json and safetensors weights")
+        if "+" in reference:
+            raise MergeError(f"model '{reference}': LoRA adapters (model+adapter) are not supported yet")
         if not HUB_ID.match(reference):
             raise MergeError(f"model '{reference}' is neither a local folder nor a hub id (org/name)")
         return open_hub_model(reference, download_weights)
@@ -139,6 +141,11 @@ class Checkpoint:
         return Checkpoint(reference, folder, config, tensors)
 
     # ---- reading ------------------------------------------------------------------
+    @property
+    def has_weights(self) -> bool:
+        """False for a hub model known only by its headers (weights not downloaded yet)."""
+        return all(info.file is not None for info in self.tensors.values())
+
     def has(self, name: str) -> bool:
         return name in self.tensors
 

@@ -18,27 +18,35 @@ from .writer import ShardedSafetensorsWriter, atomic_folder, check_output_folder
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
 
-def open_checkpoints(config: MergeConfig, known: Optional[dict[str, Checkpoint]] = None,
-                     download_weights: bool = True) -> dict[str, Checkpoint]:
-    """Every model the config names, opened (headers only); `known` supplies stage outputs."""
+def open_checkpoints(config: MergeConfig, known: Optional[dict[str, Checkpoint]] = None
+                     ) -> dict[str, Checkpoint]:
+    """Every model the config names, headers only (hub weights are not downloaded yet);
+    `known` supplies the outputs of earlier stages."""
     checkpoints = {}
     for name in config.referenced_models():
         if known and name in known:
             checkpoints[name] = known[name]
         else:
-            checkpoints[name] = Checkpoint.open(name, download_weights=download_weights)
+            checkpoints[name] = Checkpoint.open(name, download_weights=False)
     return checkpoints
 
 
-def plan_stages(config: Union[MergeConfig, MultiStageConfig], download_weights: bool = True
-                ) -> list[MergePlan]:
-    """Plans for every stage, in the order they run; later stages are checked against
-    what earlier stages will write, so a whole multi-stage file fails before any work."""
+def fetch_weights(plan: MergePlan) -> None:
+    """Download the weights of hub models the plan was checked against by their headers."""
+    for name, checkpoint in plan.checkpoints.items():
+        if checkpoint.folder is not None and not checkpoint.has_weights:
+            plan.checkpoints[name] = Checkpoint.open(name, download_weights=True)
+
+
+def plan_stages(config: Union[MergeConfig, MultiStageConfig]) -> list[MergePlan]:
+    """Plans for every stage, in the order they run, checked against the models' headers
+    (no weights are downloaded); later stages are checked against what earlier stages
+    will write, so a whole multi-stage file fails before any work."""
     stages = config.order() if isinstance(config, MultiStageConfig) else [config]
     outputs: dict[str, Checkpoint] = {}
     plans = []
     for stage in stages:
-        plan = plan_merge(stage, open_checkpoints(stage, outputs, download_weights))
+        plan = plan_merge(stage, open_checkpoints(stage, outputs))
         if stage.name:
             outputs[stage.name] = plan.as_checkpoint(stage.name)
         plans.append(plan)
@@ -89,6 +97,7 @@ def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[
                 out_shard_size: int, overwrite: bool) -> Path:
     """Run one plan into a folder: weights, config, tokenizer, model card."""
     config = plan.config
+    fetch_weights(plan)
     entries = [(task.name, task.out_dtype, task.shape) for task in plan.tasks]
     with atomic_folder(out_dir, overwrite) as temporary:
         writer = ShardedSafetensorsWriter(temporary, entries, out_shard_size)
@@ -112,4 +121,4 @@ def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[
     return Path(out_dir)
 
 
-__all__ = ["merge", "plan_stages", "open_checkpoints", "MergeError"]
+__all__ = ["merge", "plan_stages", "open_checkpoints", "fetch_weights", "MergeError"]

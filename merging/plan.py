@@ -241,6 +241,9 @@ def _tokenizer_donor(config: MergeConfig, slices: list[OutputSlice]) -> Optional
         source = config.tokenizer.get("source", source)
     if source == "union":
         raise MergeError("tokenizer_source: union is not supported yet; use base or a model name")
+    unsupported = sorted(set(config.tokenizer or {}) - {"source"})
+    if unsupported:
+        raise MergeError(f"tokenizer.{unsupported[0]} is not supported yet; only tokenizer.source is")
     if source in (None, "base"):
         return config.base_model or slices[0].sources[0].model
     if source not in config.referenced_models():

@@ -52,7 +52,7 @@ def check_recipe(yaml_text: str) -> str:
         config = load_config(yaml_text)
         if is_public_deployment():
             refuse_local_paths(config)
-        plans = plan_stages(config, download_weights=False)
+        plans = plan_stages(config)
     except MergeError as error:
         raise gr.Error(str(error)) from None
     parts = []
