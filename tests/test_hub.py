@@ -72,3 +72,68 @@ def test_unreachable_hub_fails_clearly(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "cannot download model 'someone/model': the Hugging Face hub is not reachable" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def hub_env(tmp_path, hub) -> dict:
+    return {"HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1", "HF_HUB_ETAG_TIMEOUT": "5"}
+
+
+@pytest.fixture
+def hub_models(tiny, tmp_path):
+    """The tiny base and child as hub repos, the child also carrying a .bin we must not fetch."""
+    child = tmp_path / "child-repo"
+    shutil.copytree(tiny["c1"], child)
+    (child / "pytorch_model.bin").write_bytes(b"not needed")
+    return {"org/tiny-base": tiny["base"], "org/tiny-child": child}
+
+
+def test_dry_run_reads_hub_headers_without_downloading_weights(hub_models, tmp_path):
+    from fake_hub import FakeHub
+
+    config = tmp_path / "hub.yml"
+    config.write_text("models:\n  - model: org/tiny-child\nmerge_method: slerp\nbase_model: org/tiny-base\n"
+                      "parameters: {t: 0.5}\n")
+    with FakeHub(hub_models) as hub:
+        result = run_cli(config, tmp_path / "out", "--dry-run", env=hub_env(tmp_path, hub))
+        assert result.returncode == 0, result.stderr
+        assert "output: 4 layers, 39 tensors" in result.stdout
+        downloaded, ranged = hub.downloads(), hub.ranged_reads()
+    assert any(path.endswith("/config.json") for path in downloaded)
+    assert not any(path.endswith(".safetensors") for path in downloaded), downloaded
+    assert any(path.endswith("model.safetensors") for path in ranged)  # headers only
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_merge_downloads_only_what_it_needs(hub_models, tiny, tmp_path):
+    from fake_hub import FakeHub
+
+    config = tmp_path / "hub.yml"
+    config.write_text("models:\n  - model: org/tiny-child\nmerge_method: slerp\nbase_model: org/tiny-base\n"
+                      "parameters: {t: 1.0}\n")
+    with FakeHub(hub_models) as hub:
+        result = run_cli(config, tmp_path / "out", env=hub_env(tmp_path, hub))
+        assert result.returncode == 0, result.stderr
+        downloaded = hub.downloads()
+    assert not any(path.endswith(".bin") for path in downloaded)
+    assert sum(path.endswith("model.safetensors") for path in downloaded) == 2
+    merged, child = load_tensors(tmp_path / "out"), load_tensors(tiny["c1"])
+    assert all((merged[k] - child[k]).abs().max() < 1e-5 for k in child)
+    # and once cached, the same merge works offline
+    env = dict(hub_env(tmp_path, hub), HF_HUB_OFFLINE="1")
+    assert run_cli(config, tmp_path / "again", env=env).returncode == 0
+
+
+def test_a_missing_hub_model_fails_before_any_weights_download(hub_models, tmp_path):
+    from fake_hub import FakeHub
+
+    config = tmp_path / "hub.yml"
+    config.write_text("models:\n  - model: org/tiny-child\nmerge_method: slerp\nbase_model: org/no-such-model\n"
+                      "parameters: {t: 0.5}\n")
+    with FakeHub(hub_models) as hub:
+        result = run_cli(config, tmp_path / "out", env=hub_env(tmp_path, hub))
+        downloaded = hub.downloads()
+    assert result.returncode == 2
+    assert "no model 'org/no-such-model' on the Hugging Face hub" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not any(path.endswith(".safetensors") for path in downloaded)

@@ -1,0 +1,114 @@
+"""A small stand-in for the Hugging Face hub's HTTP API, on localhost, for hub code paths.
+
+It serves model folders under repo ids: repo info (`/api/models/...`), file downloads
+and HEAD metadata (`/{repo}/resolve/{revision}/{file}`, with Range support), the way
+huggingface_hub talks to the real hub. It records every request so tests can see what
+was downloaded. Only loopback traffic; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+COMMIT = "1234567890abcdef1234567890abcdef12345678"
+
+
+class FakeHub:
+    def __init__(self, repos: dict[str, Path]):
+        self.repos = {repo: Path(folder) for repo, folder in repos.items()}
+        self.requests: list[tuple[str, str, str]] = []  # method, path, Range header
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                hub.handle(self, body=False)
+
+            def do_GET(self):
+                hub.handle(self, body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeHub":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def downloads(self) -> list[str]:
+        """Files fetched whole with GET (not HEAD, not a byte range), as their URL paths."""
+        return [path for method, path, ranged in self.requests
+                if method == "GET" and "/resolve/" in path and not ranged]
+
+    def ranged_reads(self) -> list[str]:
+        return [path for method, path, ranged in self.requests if method == "GET" and ranged]
+
+    def handle(self, request: BaseHTTPRequestHandler, body: bool) -> None:
+        path = unquote(urlparse(request.path).path)
+        self.requests.append((request.command, path, request.headers.get("Range", "")))
+        if path.startswith("/api/models/"):
+            return self._repo_info(request, path[len("/api/models/"):], body)
+        if "/resolve/" in path:
+            repo, _, rest = path.lstrip("/").partition("/resolve/")
+            _, _, file = rest.partition("/")
+            return self._file(request, repo, file, body)
+        self._send(request, 404, b"{}", {"X-Error-Code": "EntryNotFound"}, body)
+
+    def _repo_info(self, request, rest: str, body: bool) -> None:
+        repo = rest.split("/revision/")[0].split("/tree/")[0]
+        if repo not in self.repos:
+            return self._send(request, 404, b'{"error": "Repository not found"}',
+                              {"X-Error-Code": "RepoNotFound"}, body)
+        folder = self.repos[repo]
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        if "/tree/" in rest:
+            payload = [{"type": "file", "path": f, "size": (folder / f).stat().st_size, "oid": _etag(folder / f)}
+                       for f in files]
+        else:
+            payload = {"id": repo, "modelId": repo, "sha": COMMIT, "private": False,
+                       "siblings": [{"rfilename": f, "size": (folder / f).stat().st_size} for f in files]}
+        self._send(request, 200, json.dumps(payload).encode(), {"Content-Type": "application/json"}, body)
+
+    def _file(self, request, repo: str, file: str, body: bool) -> None:
+        target = self.repos.get(repo, Path("/nonexistent")) / file
+        if repo not in self.repos:
+            return self._send(request, 404, b"", {"X-Error-Code": "RepoNotFound"}, body)
+        if not target.is_file():
+            return self._send(request, 404, b"", {"X-Error-Code": "EntryNotFound"}, body)
+        data = target.read_bytes()
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{_etag(target)}"', "Accept-Ranges": "bytes"}
+        status = 200
+        byte_range = request.headers.get("Range")
+        if byte_range and byte_range.startswith("bytes="):
+            start, _, end = byte_range[len("bytes="):].partition("-")
+            start = int(start)
+            end = int(end) if end else len(data) - 1
+            headers["Content-Range"] = f"bytes {start}-{min(end, len(data) - 1)}/{len(data)}"
+            data = data[start:end + 1]
+            status = 206
+        self._send(request, status, data, headers, body)
+
+    @staticmethod
+    def _send(request, status: int, data: bytes, headers: dict, body: bool) -> None:
+        request.send_response(status)
+        for key, value in headers.items():
+            request.send_header(key, value)
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        if body:
+            request.wfile.write(data)
+
+
+def _etag(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
