@@ -92,41 +92,56 @@ def make_inputs(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor],
     return TensorInputs(models, base, task.params, task.model_params, generator, task.name)
 
 
-def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed: int) -> Iterator[torch.Tensor]:
-    """The task's output, cast to its dtype, as consecutive row blocks on the CPU."""
+def statistics_key(plan: MergePlan, task: TensorTask) -> tuple:
+    """What an elementwise method's tensor-wide sums depend on: the method and the inputs."""
+    return (plan.method.name, tuple(task.inputs), task.base_index, task.vocab_rows)
+
+
+def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed: int, *,
+                  release: bool = True, statistics_cache: Optional[dict] = None) -> Iterator[torch.Tensor]:
+    """The task's output in float32 on `device`, as consecutive row blocks (integer
+    buffers as stored). Sinks cast each block to `task.out_dtype`.
+
+    `release` hands the inputs' pages back once read (a one-shot merge); a live session
+    keeps them. `statistics_cache` keeps elementwise methods' tensor-wide sums between
+    calls, so changing a parameter skips the pass that computes them.
+    """
     inputs = TaskInputs(plan, task, device)
     step = inputs.block_rows()
     elementwise = plan.method.elementwise
-    first_dtype = inputs.stored[0].dtype
-    if not first_dtype.is_floating_point:
+    if not inputs.stored[0].dtype.is_floating_point:
         yield inputs.stored[0].clone()  # integer buffers are copied from the first input
         return
     if elementwise is None or not task.shape:
         result = plan.method.merge(make_inputs(plan, task, inputs.block(0, inputs.rows), seed))
-        inputs.release()
+        if release:
+            inputs.release()
         for start in range(0, max(1, inputs.rows), step) if task.shape else [0]:
-            block = result[start:start + step] if task.shape else result
-            yield block.to(dtype=task.out_dtype).cpu()
+            yield result[start:start + step] if task.shape else result
         return
     starts = list(range(0, inputs.rows, step))
-    cached = None
-    sums = None
-    if elementwise.statistics is not None:
+    single = None
+    key = statistics_key(plan, task)
+    sums = statistics_cache.get(key) if statistics_cache is not None else None
+    if elementwise.statistics is not None and sums is None:
         for start in starts:
             block = make_inputs(plan, task, inputs.block(start, start + step), seed)
             partial = elementwise.statistics(block).double()
             sums = partial if sums is None else sums + partial
             if len(starts) == 1:
-                cached = block  # one block: read it once
-            else:
+                single = block  # one block: read it once
+            elif release:
                 inputs.release(start, start + step)  # read again, from the page cache, below
+        if statistics_cache is not None:
+            statistics_cache[key] = sums
     coefficients = None
     for index, start in enumerate(starts):
-        block = cached or make_inputs(plan, task, inputs.block(start, start + step), seed)
+        block = single or make_inputs(plan, task, inputs.block(start, start + step), seed)
         if index == 0:  # parameters are per tensor, so the first block's serve them all
             coefficients = elementwise.coefficients(sums, block)
-        output = elementwise.combine(block, coefficients).to(dtype=task.out_dtype).cpu()
-        inputs.release(start, start + step)
+        output = elementwise.combine(block, coefficients)
+        if release:
+            inputs.release(start, start + step)
         yield output
 
 

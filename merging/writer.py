@@ -42,7 +42,8 @@ class ShardedSafetensorsWriter:
         self._remaining_in_shard = 0
 
     def write(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
-        """Stream one tensor, given as consecutive row blocks, into its shard."""
+        """Stream one tensor, given as consecutive row blocks, into its shard (cast to the
+        announced dtype on the way)."""
         if self._next >= len(self._order) or self._order[self._next] != name:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
             raise RuntimeError(f"writer expected tensor {expected}, got {name}")
@@ -50,10 +51,8 @@ class ShardedSafetensorsWriter:
         if self._remaining_in_shard == 0:
             self._open_next_shard()
         written = 0
-        for block in blocks:
-            if block.dtype != dtype:
-                raise RuntimeError(f"{name}: expected {dtype}, got {block.dtype}")
-            data = block.detach().to("cpu").contiguous().reshape(-1)
+        for block in blocks:  # float32 blocks are cast here, once
+            data = block.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
             if data.numel():
                 self._handle.write(memoryview(data.view(torch.uint8).numpy()))
             written += data.numel() * data.element_size()

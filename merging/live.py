@@ -1,0 +1,217 @@
+"""LiveMerge: a merged model in memory, re-merged in place when the recipe changes.
+
+    live = LiveMerge(config)            # sources memory-mapped, merged model built once
+    live.model, live.tokenizer          # a transformers model ready to generate
+    stats = live.update(new_config)     # same models: only changed tensors are recomputed
+
+The model's tensors are exactly what `merge()` writes for the same config: both run
+the same plan through the same engine, one into files, this one into parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import MergeConfig, MultiStageConfig, load_config
+from .engine import merged_blocks, resolve_device
+from .errors import MergeError
+from .folder import resolve_chat_template
+from .pipeline import fetch_weights, open_checkpoints
+from .plan import TORCH_DTYPES, MergePlan, TensorTask, plan_merge
+
+
+@dataclass
+class UpdateStats:
+    """What an update did."""
+
+    recomputed: int
+    skipped: int
+    seconds: float
+    rebuilt: bool = False
+    reason: str = ""
+    cache_bytes: int = 0
+
+    def __str__(self) -> str:
+        total = self.recomputed + self.skipped
+        text = f"recomputed {self.recomputed} of {total} tensors in {self.seconds:.3f} s"
+        if self.rebuilt:
+            text += f" (model rebuilt: {self.reason})"
+        return text
+
+
+def task_signature(plan: MergePlan, task: TensorTask, seed: int) -> tuple:
+    """Everything a tensor's value depends on; equal signatures mean an equal tensor."""
+    return (plan.method.name, task.shape, tuple(task.inputs), task.base_index, repr(task.params),
+            repr(task.model_params), task.vocab_rows, task.filler_index,
+            seed if plan.method.random else None)
+
+
+class ModelSink:
+    """Writes merged tensors into a model's parameters, in place, cast to their dtype."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.tensors = dict(model.state_dict(keep_vars=True))
+
+    @torch.no_grad()
+    def write(self, name: str, blocks) -> None:
+        target = self.tensors[name].data
+        flat = target.view(-1)
+        offset = 0
+        for block in blocks:
+            count = block.numel()
+            flat[offset:offset + count].copy_(block.reshape(-1))
+            offset += count
+        if offset != flat.numel():
+            raise RuntimeError(f"{name}: wrote {offset} of {flat.numel()} values")
+
+
+class LiveMerge:
+    """A merge kept in memory as a transformers model, updated in place.
+
+    `dtype` sets the model's dtype (default: the recipe's out_dtype or dtype, else the
+    base's storage dtype); `seed` seeds random methods per tensor, so the same settings
+    always give the same model.
+    """
+
+    def __init__(self, config, device: str = "auto", *, dtype: Optional[str] = None, seed: int = 0):
+        self.device = resolve_device(device)
+        self.seed = seed
+        self.requested_dtype = dtype
+        self.statistics_cache: dict = {}
+        self.checkpoints: dict[str, Checkpoint] = {}
+        self.model = None
+        self.tokenizer = None
+        self.last_stats = self._build(self._single(config), "first build")
+
+    # ---- building ------------------------------------------------------------------
+    @staticmethod
+    def _single(config) -> MergeConfig:
+        config = load_config(config)
+        if isinstance(config, MultiStageConfig):
+            raise MergeError("LiveMerge takes one merge; run the earlier stages of a multi-stage "
+                             "file with merge() and name their folders as models")
+        return config
+
+    def _open(self, config: MergeConfig) -> dict[str, Checkpoint]:
+        """The config's models, opened once per session and reused by later updates."""
+        self.checkpoints.update(open_checkpoints(config, known=self.checkpoints))
+        return {name: self.checkpoints[name] for name in config.referenced_models()}
+
+    def _build(self, config: MergeConfig, reason: str) -> UpdateStats:
+        started = time.perf_counter()
+        plan = plan_merge(config, self._open(config))
+        fetch_weights(plan)
+        self.checkpoints.update(plan.checkpoints)
+        model = self._new_model(plan)
+        sink = ModelSink(model)
+        signatures = {}
+        for task in plan.tasks:
+            if task.name not in sink.tensors:
+                raise MergeError(f"the {type(model).__name__} built from the merged config has no tensor "
+                                 f"'{task.name}'")
+            sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
+                                                statistics_cache=self.statistics_cache))
+            signatures[task.name] = task_signature(plan, task, self.seed)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        model.eval()
+        self.model, self.plan, self.config, self.signatures = model, plan, config, signatures
+        self.tokenizer = self._tokenizer(plan)
+        return UpdateStats(len(plan.tasks), 0, time.perf_counter() - started, True, reason,
+                           self.cache_bytes)
+
+    def _model_dtype(self, plan: MergePlan) -> torch.dtype:
+        name = self.requested_dtype or plan.config.out_dtype or plan.config.dtype
+        if name:
+            return TORCH_DTYPES[name]
+        floats = [t.out_dtype for t in plan.tasks if t.out_dtype.is_floating_point]
+        return floats[0] if floats else torch.float32
+
+    def _new_model(self, plan: MergePlan) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+        from transformers.initialization import no_init_weights
+
+        values = dict(plan.out_config)
+        model_type = values.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise MergeError(f"transformers does not know model type '{model_type}'")
+        model_config = CONFIG_MAPPING[model_type].from_dict(values)
+        dtype = self._model_dtype(plan)
+        with no_init_weights():  # every weight is about to be written by the merge
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        return model.to(self.device)
+
+    def _tokenizer(self, plan: MergePlan):
+        from transformers import AutoTokenizer
+
+        donor = plan.checkpoints[plan.tokenizer_donor].folder if plan.tokenizer_donor else None
+        if donor is None:
+            return None
+        tokenizer = AutoTokenizer.from_pretrained(donor)
+        if plan.config.chat_template:
+            folders = [plan.checkpoints[m].folder for m in plan.config.referenced_models()]
+            template = resolve_chat_template(plan.config.chat_template, folders)
+            if template:
+                tokenizer.chat_template = template
+        return tokenizer
+
+    # ---- updating ------------------------------------------------------------------
+    def update(self, config) -> UpdateStats:
+        """Re-merge for `config`: recompute only the tensors whose inputs or resolved
+        parameters changed, writing them into the model's parameters in place. Other
+        models, or a different layer layout (e.g. new passthrough slices), rebuild."""
+        config = self._single(config)
+        started = time.perf_counter()
+        if set(config.referenced_models()) != set(self.config.referenced_models()):
+            self.last_stats = self._build(config, "the models changed")
+            return self.last_stats
+        plan = plan_merge(config, self._open(config))
+        layout = [(t.name, t.shape) for t in plan.tasks]
+        if layout != [(t.name, t.shape) for t in self.plan.tasks] or plan.out_config != self.plan.out_config:
+            self.last_stats = self._build(config, "the output's layers or shapes changed")
+            return self.last_stats
+        dtype = self._model_dtype(plan)
+        if dtype != self._model_dtype(self.plan):
+            self.last_stats = self._build(config, "the model dtype changed")
+            return self.last_stats
+        sink = ModelSink(self.model)
+        recomputed = 0
+        with torch.no_grad():
+            for task in plan.tasks:
+                signature = task_signature(plan, task, self.seed)
+                if self.signatures.get(task.name) == signature:
+                    continue
+                sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
+                                                    statistics_cache=self.statistics_cache))
+                self.signatures[task.name] = signature
+                recomputed += 1
+        if plan.tokenizer_donor != self.plan.tokenizer_donor or config.chat_template != self.config.chat_template:
+            self.tokenizer = self._tokenizer(plan)
+        self.plan, self.config = plan, config
+        self.last_stats = UpdateStats(recomputed, len(plan.tasks) - recomputed,
+                                      time.perf_counter() - started, cache_bytes=self.cache_bytes)
+        return self.last_stats
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory held by the caches (the per-tensor sums of elementwise methods)."""
+        return sum(t.numel() * t.element_size() for t in self.statistics_cache.values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    # ---- generating ----------------------------------------------------------------
+    def generate(self, messages, sampling=None, **overrides):
+        """The merged model's answer (see merging.generation.generate)."""
+        from .generation import Sampling, generate
+        return generate(self.model, self.tokenizer, messages, sampling or Sampling(), **overrides)
+
+    def stream(self, messages, sampling=None, **overrides):
+        """Text pieces, then a Generation (see merging.generation.stream)."""
+        from .generation import Sampling, stream
+        return stream(self.model, self.tokenizer, messages, sampling or Sampling(), **overrides)
