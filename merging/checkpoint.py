@@ -96,6 +96,7 @@ class Checkpoint:
         self.config = config
         self.tensors = tensors
         self._maps: dict[Path, mmap.mmap] = {}
+        self._layers: Optional[dict[int, list[str]]] = None
         self._files: dict[Path, object] = {}
 
     # ---- opening ------------------------------------------------------------------
@@ -205,6 +206,17 @@ class Checkpoint:
     def num_layers(self) -> int:
         from .architecture import layer_count
         return layer_count(self)
+
+    def layer_tensors(self, index: int) -> list[str]:
+        """Names of layer `index`'s tensors, in stored order (grouped once, then looked up)."""
+        if self._layers is None:
+            from .architecture import split_layer_name
+            self._layers = {}
+            for name in self.tensors:
+                parts = split_layer_name(name)
+                if parts is not None:
+                    self._layers.setdefault(parts[1], []).append(name)
+        return self._layers.get(index, [])
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.reference!r}, {len(self.tensors)} tensors)"

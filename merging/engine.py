@@ -53,21 +53,24 @@ class TaskInputs:
             end = None if stop is None else stop * row_bytes
             checkpoint.release(name, start * row_bytes, end)
 
-    def block(self, start: int, stop: int) -> list[torch.Tensor]:
-        """Rows [start, stop) of every input, in float32 on the device; vocabulary tensors
-        cut or padded (from the filler input) to the planned row count."""
+    def block(self, start: int, stop: int, scratch: Optional["Scratch"] = None) -> list[torch.Tensor]:
+        """Rows [start, stop) of every input, in float32 on the device (in `scratch`'s
+        reusable buffers when given); vocabulary tensors cut or padded (from the filler
+        input) to the planned row count."""
         if not self.task.shape:
             return [self._convert(t) for t in self.stored]
         stop = min(stop, self.rows)
-        blocks = [self._rows(tensor, start, stop) for tensor in self.stored]
-        if self.task.vocab_rows is not None:
-            filler = self.stored[self.task.filler_index]
-            blocks = [b if b.shape[0] == stop - start else
-                      torch.cat([b, self._convert(filler[start + b.shape[0]:stop])]) for b in blocks]
+        blocks = []
+        for index, tensor in enumerate(self.stored):
+            rows = tensor[start:min(stop, tensor.shape[0])]
+            if rows.shape[0] < stop - start:  # a model with fewer vocabulary rows
+                filler = self.stored[self.task.filler_index]
+                rows = torch.cat([rows, filler[start + rows.shape[0]:stop]])
+            if scratch is None or not rows.is_floating_point():
+                blocks.append(self._convert(rows))
+            else:
+                blocks.append(scratch.take(index, rows.shape).copy_(rows))
         return blocks
-
-    def _rows(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return self._convert(tensor[start:min(stop, tensor.shape[0])])
 
     def _convert(self, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
@@ -79,6 +82,25 @@ class TaskInputs:
         for size in self.task.shape[1:]:
             row_size *= size
         return max(1, BLOCK_ELEMENTS // max(1, row_size))
+
+
+class Scratch:
+    """Float32 block buffers on one device, reused from block to block and task to task,
+    so streaming a tensor allocates nothing: conversions and results land in them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict = {}
+
+    def take(self, slot, shape) -> torch.Tensor:
+        count = 1
+        for size in shape:
+            count *= size
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(max(count, BLOCK_ELEMENTS), dtype=torch.float32, device=self.device)
+            self.buffers[slot] = buffer
+        return buffer[:count].view(shape)
 
 
 def make_inputs(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor],
@@ -98,9 +120,11 @@ def statistics_key(plan: MergePlan, task: TensorTask) -> tuple:
 
 
 def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed: int, *,
-                  release: bool = True, statistics_cache: Optional[dict] = None) -> Iterator[torch.Tensor]:
+                  release: bool = True, statistics_cache: Optional[dict] = None,
+                  scratch: Optional[Scratch] = None) -> Iterator[torch.Tensor]:
     """The task's output in float32 on `device`, as consecutive row blocks (integer
-    buffers as stored). Sinks cast each block to `task.out_dtype`.
+    buffers as stored). Sinks cast each block to `task.out_dtype`; a block may live in a
+    reused buffer, so it must be consumed before the next one is asked for.
 
     `release` hands the inputs' pages back once read (a one-shot merge); a live session
     keeps them. `statistics_cache` keeps elementwise methods' tensor-wide sums between
@@ -109,6 +133,7 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
     inputs = TaskInputs(plan, task, device)
     step = inputs.block_rows()
     elementwise = plan.method.elementwise
+    scratch = scratch or Scratch(device)
     if not inputs.stored[0].dtype.is_floating_point:
         yield inputs.stored[0].clone()  # integer buffers are copied from the first input
         return
@@ -125,7 +150,7 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
     sums = statistics_cache.get(key) if statistics_cache is not None else None
     if elementwise.statistics is not None and sums is None:
         for start in starts:
-            block = make_inputs(plan, task, inputs.block(start, start + step), seed)
+            block = make_inputs(plan, task, inputs.block(start, start + step, scratch), seed)
             partial = elementwise.statistics(block).double()
             sums = partial if sums is None else sums + partial
             if len(starts) == 1:
@@ -136,10 +161,11 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
             statistics_cache[key] = sums
     coefficients = None
     for index, start in enumerate(starts):
-        block = single or make_inputs(plan, task, inputs.block(start, start + step), seed)
+        block = single or make_inputs(plan, task, inputs.block(start, start + step, scratch), seed)
         if index == 0:  # parameters are per tensor, so the first block's serve them all
             coefficients = elementwise.coefficients(sums, block)
-        output = elementwise.combine(block, coefficients)
+        first = block.base if block.base is not None else block.models[0]
+        output = elementwise.combine(block, coefficients, scratch.take("out", first.shape))
         if release:
             inputs.release(start, start + step)
         yield output
@@ -149,12 +175,13 @@ def run_plan(plan: MergePlan, sink: Sink, device: str = "auto", seed: int = 0,
              progress: Optional[Progress] = None) -> None:
     """Compute every task of `plan` in order and write each result to `sink`."""
     target = resolve_device(device)
+    scratch = Scratch(target)
     total = len(plan.tasks)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="readahead") as readahead:
         for index, task in enumerate(plan.tasks):
             if index + 1 < total:  # ask the kernel for the next task's pages meanwhile
                 readahead.submit(_prefetch, plan, plan.tasks[index + 1])
-            sink.write(task.name, merged_blocks(plan, task, target, seed))
+            sink.write(task.name, merged_blocks(plan, task, target, seed, scratch=scratch))
             if progress is not None:
                 progress(index + 1, total, task.name)
 

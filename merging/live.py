@@ -10,6 +10,7 @@ the same plan through the same engine, one into files, this one into parameters.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -18,7 +19,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import MergeConfig, MultiStageConfig, load_config
-from .engine import merged_blocks, resolve_device
+from .engine import Scratch, merged_blocks, resolve_device
 from .errors import MergeError
 from .folder import resolve_chat_template
 from .pipeline import fetch_weights, open_checkpoints
@@ -83,6 +84,7 @@ class LiveMerge:
         self.seed = seed
         self.requested_dtype = dtype
         self.statistics_cache: dict = {}
+        self.scratch = Scratch(self.device)
         self.checkpoints: dict[str, Checkpoint] = {}
         self.model = None
         self.tokenizer = None
@@ -115,7 +117,7 @@ class LiveMerge:
                 raise MergeError(f"the {type(model).__name__} built from the merged config has no tensor "
                                  f"'{task.name}'")
             sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
-                                                statistics_cache=self.statistics_cache))
+                                                statistics_cache=self.statistics_cache, scratch=self.scratch))
             signatures[task.name] = task_signature(plan, task, self.seed)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
@@ -166,6 +168,15 @@ class LiveMerge:
         parameters changed, writing them into the model's parameters in place. Other
         models, or a different layer layout (e.g. new passthrough slices), rebuild."""
         config = self._single(config)
+        collecting = gc.isenabled()
+        gc.disable()  # a full collection mid-update costs more than the update itself
+        try:
+            return self._update(config)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _update(self, config: MergeConfig) -> UpdateStats:
         started = time.perf_counter()
         if set(config.referenced_models()) != set(self.config.referenced_models()):
             self.last_stats = self._build(config, "the models changed")
@@ -187,7 +198,8 @@ class LiveMerge:
                 if self.signatures.get(task.name) == signature:
                     continue
                 sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
-                                                    statistics_cache=self.statistics_cache))
+                                                    statistics_cache=self.statistics_cache,
+                                                    scratch=self.scratch))
                 self.signatures[task.name] = signature
                 recomputed += 1
         if plan.tokenizer_donor != self.plan.tokenizer_donor or config.chat_template != self.config.chat_template:

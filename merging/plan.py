@@ -151,8 +151,7 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
         for offset in range(length):
             position = offset / (length - 1) if length > 1 else 1.0
             in_layer = lead.layer_range[0] + offset
-            layer_names = [n for n in lead_checkpoint.tensors
-                           if (parts := arch.split_layer_name(n)) and parts[1] == in_layer]
+            layer_names = lead_checkpoint.layer_tensors(in_layer)
             if not layer_names:
                 raise MergeError(f"model '{lead.model}' has no tensors for layer {in_layer}")
             for lead_name in layer_names:

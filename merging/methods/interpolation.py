@@ -34,17 +34,17 @@ def linear_coefficients(sums, inputs: TensorInputs) -> list[float]:
     return [w / total for w in weights]
 
 
-def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
-    """sum_i c_i x_i with one output buffer."""
-    result = torch.mul(tensors[0], coefficients[0])
+def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
+    """sum_i c_i x_i, written into `out`."""
+    torch.mul(tensors[0], coefficients[0], out=out)
     for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
-        result.add_(tensor, alpha=coefficient)
-    return result
+        out.add_(tensor, alpha=coefficient)
+    return out
 
 
-def linear_combine(inputs: TensorInputs, coefficients: list[float]) -> torch.Tensor:
+def linear_combine(inputs: TensorInputs, coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
     """Model soup: sum_i w_i x_i, divided by sum_i w_i when `normalize`."""
-    return weighted_sum(inputs.models, coefficients)
+    return weighted_sum(inputs.models, coefficients, out)
 
 
 def slerp_statistics(inputs: TensorInputs) -> torch.Tensor:
@@ -198,7 +198,8 @@ register(Method(
     (Parameter("t", float, low=0.0, high=1.0, help="0 gives the base model, 1 the other model"),),
     base=BASE_REQUIRED, min_models=1, max_models=1,
     elementwise=Elementwise(
-        combine=lambda inputs, coefficients: weighted_sum([inputs.base, inputs.models[0]], list(coefficients)),
+        combine=lambda inputs, coefficients, out: weighted_sum([inputs.base, inputs.models[0]],
+                                                               list(coefficients), out),
         coefficients=lambda sums, inputs: slerp_coefficients(inputs.params["t"], slerp_cosine(sums)),
         statistics=slerp_statistics)))
 

@@ -68,19 +68,18 @@ def _variance_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask
 
 
-def nearswap(inputs: TensorInputs, coefficients=None) -> torch.Tensor:
+def nearswap(inputs: TensorInputs, coefficients, out: torch.Tensor) -> torch.Tensor:
     """w = clamp(t / max(|base - x|, 1e-6), 0, 1); result = w x + (1 - w) base: entries
     where the two models are closer than t take the other model's value."""
     base, other = inputs.base, inputs.models[0]
     weight = (inputs.params["t"] / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
-    return weight * other + (1 - weight) * base
+    return torch.add(weight * other, (1 - weight) * base, out=out)
 
 
-def passthrough(inputs: TensorInputs, coefficients=None) -> torch.Tensor:
+def passthrough(inputs: TensorInputs, coefficients, out: torch.Tensor) -> torch.Tensor:
     """The single source tensor, optionally multiplied by its `scale`."""
     scale = inputs.model_params[0].get("scale")
-    tensor = inputs.models[0]
-    return tensor if scale is None else tensor * scale
+    return out.copy_(inputs.models[0]) if scale is None else torch.mul(inputs.models[0], scale, out=out)
 
 
 register(Method(

@@ -113,17 +113,21 @@ class Elementwise:
     entry. The engine then streams such tensors in row blocks: flat memory, any size.
 
     statistics(inputs) -> 1-D tensor of sums that add up across row blocks (or None);
+      the sums depend on the tensors only, never on parameters, so they can be cached;
     coefficients(sums, inputs) -> whatever combine needs (sums is None without statistics);
-    combine(inputs, coefficients) -> the output for the rows in `inputs`.
+    combine(inputs, coefficients, out) -> the output for the rows in `inputs`, written
+      into the float32 buffer `out` (the engine reuses it from block to block).
     """
 
-    combine: Callable[["TensorInputs", Any], torch.Tensor]
+    combine: Callable[["TensorInputs", Any, torch.Tensor], torch.Tensor]
     coefficients: Callable[[Optional[torch.Tensor], "TensorInputs"], Any] = lambda sums, inputs: None
     statistics: Optional[Callable[["TensorInputs"], torch.Tensor]] = None
 
     def merge(self, inputs: "TensorInputs") -> torch.Tensor:
         sums = self.statistics(inputs).double() if self.statistics else None
-        return self.combine(inputs, self.coefficients(sums, inputs))
+        first = inputs.base if inputs.base is not None else inputs.models[0]
+        out = torch.empty_like(first, dtype=torch.float32)
+        return self.combine(inputs, self.coefficients(sums, inputs), out)
 
 
 # How a method treats the config's base_model.

@@ -107,11 +107,11 @@ def task_arithmetic_coefficients(sums, inputs: TensorInputs) -> list[float]:
     return [inputs.params["lambda"] * w / divisor for w in weights]
 
 
-def task_arithmetic_combine(inputs: TensorInputs, coefficients: list[float]) -> torch.Tensor:
-    result = inputs.base.clone()
+def task_arithmetic_combine(inputs: TensorInputs, coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
+    out.copy_(inputs.base)
     for model, coefficient in zip(inputs.models, coefficients):
-        result.add_(model - inputs.base, alpha=coefficient)
-    return result
+        out.add_(model - inputs.base, alpha=coefficient)
+    return out
 
 
 def _check_della(params: dict, model_params: list[dict], where: str) -> None:
