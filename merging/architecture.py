@@ -12,6 +12,11 @@ from typing import Optional
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+MODULE_TYPES = (  # substring -> short module kind; the first match wins
+    ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"),
+    ("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"),
+    ("embed_tokens", "embed"), ("lm_head", "lm_head"), ("norm", "norm"),
+)
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
               "head_dim")
 
@@ -52,6 +57,14 @@ def tied_alternative(name: str, names) -> Optional[str]:
     if not name.startswith("lm_head"):
         return None
     return next((n for n in names if "embed_tokens" in n and n.endswith(".weight")), None)
+
+
+def module_type(name: str) -> str:
+    """q, k, v, o, gate, up, down, norm, embed, lm_head, or other."""
+    for needle, kind in MODULE_TYPES:
+        if needle in name:
+            return kind
+    return "other"
 
 
 def vocabulary_size(checkpoint) -> Optional[int]:

@@ -38,10 +38,11 @@ def fetch_weights(plan: MergePlan) -> None:
             plan.checkpoints[name] = Checkpoint.open(name, download_weights=True)
 
 
-def plan_stages(config: Union[MergeConfig, MultiStageConfig]) -> list[MergePlan]:
+def plan_stages(config) -> list[MergePlan]:
     """Plans for every stage, in the order they run, checked against the models' headers
     (no weights are downloaded); later stages are checked against what earlier stages
     will write, so a whole multi-stage file fails before any work."""
+    config = load_config(config)
     stages = config.order() if isinstance(config, MultiStageConfig) else [config]
     outputs: dict[str, Checkpoint] = {}
     plans = []

@@ -157,6 +157,8 @@ def _family_method(name: str, summary: str, family: Family, reference: str) -> M
         elementwise=elementwise)
 
 
+FAMILIES: dict[str, Family] = {}
+
 for _name, _summary, _family, _reference in (
     ("task_arithmetic", "base plus the weighted sum of task vectors",
      Family(None, False, False, False), "https://arxiv.org/abs/2212.04089"),
@@ -175,4 +177,5 @@ for _name, _summary, _family, _reference in (
     ("della_linear", "della pruning without sign election",
      Family("della", False, False, True), "https://arxiv.org/abs/2406.11617"),
 ):
+    FAMILIES[_name] = _family
     register(_family_method(_name, _summary, _family, _reference))
