@@ -1,0 +1,140 @@
+"""Scoring models: perplexity on texts, exact-match probes, and sweeps of a merge parameter.
+
+    perplexity = exp( sum over predicted tokens of -log p(token | prefix) / number of them )
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .config import MergeConfig, load_config
+from .errors import MergeError
+
+Scorer = Callable[[object, object], float]  # (model, tokenizer) -> score
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 512) -> float:
+    """Token-weighted perplexity of `model` on `texts`, batched with right padding."""
+    if not texts:
+        raise MergeError("perplexity needs at least one text")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+                   for text in texts[start:start + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, sequence in enumerate(encoded):
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            mask[row, :len(sequence)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets, counted = ids[:, 1:], mask[:, 1:].bool()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        total_loss += float(losses[counted].sum())
+        total_tokens += int(counted.sum())
+    if total_tokens == 0:
+        raise MergeError("the texts are too short: perplexity needs at least two tokens in one text")
+    return math.exp(total_loss / total_tokens)
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str
+    answer: str
+
+
+def normalize_answer(text: str) -> str:
+    """Compare answers without surrounding whitespace or a trailing full stop."""
+    return text.strip().rstrip(".").strip()
+
+
+def probe_results(model, tokenizer, probes: Iterable[Probe], max_new_tokens: Optional[int] = None) -> list[dict]:
+    """Greedy answers to each probe, and whether each matches exactly (after normalizing)."""
+    from .generation import Sampling, generate
+
+    rows = []
+    for probe in probes:
+        budget = max_new_tokens or len(tokenizer(probe.answer)["input_ids"]) + 8
+        answer = generate(model, tokenizer, probe.prompt, Sampling(max_new_tokens=budget)).text
+        rows.append({"prompt": probe.prompt, "expected": probe.answer, "answer": answer,
+                     "correct": normalize_answer(answer) == normalize_answer(probe.answer)})
+    return rows
+
+
+def probe_accuracy(model, tokenizer, probes: Sequence[Probe], max_new_tokens: Optional[int] = None) -> float:
+    """Fraction of probes answered exactly."""
+    rows = probe_results(model, tokenizer, probes, max_new_tokens)
+    return sum(r["correct"] for r in rows) / len(rows) if rows else 0.0
+
+
+def perplexity_scorer(texts: Sequence[str], **kwargs) -> Scorer:
+    return lambda model, tokenizer: perplexity(model, tokenizer, texts, **kwargs)
+
+
+def probe_scorer(probes: Sequence[Probe], **kwargs) -> Scorer:
+    return lambda model, tokenizer: probe_accuracy(model, tokenizer, probes, **kwargs)
+
+
+def with_parameter(config: MergeConfig, parameter: str, value) -> MergeConfig:
+    """A copy of `config` with one parameter set everywhere it applies.
+
+    `name` sets a top-level parameter (replacing a gradient or filter list by the value);
+    `name@model` sets it in that model's own parameters (in `models` or slice sources).
+    """
+    name, _, model = parameter.partition("@")
+    changed = copy.deepcopy(config)
+    if not model:
+        changed.parameters = {**(changed.parameters or {}), name: value}
+        for output_slice in changed.slices or []:  # a slice's own value would shadow it
+            if output_slice.parameters:
+                output_slice.parameters.pop(name, None)
+    else:
+        entries = list(changed.models or []) + [s for sl in changed.slices or [] for s in sl.sources]
+        targets = [e for e in entries if e.model == model]
+        if not targets:
+            raise MergeError(f"no model '{model}' in the recipe to set '{name}' for")
+        for entry in targets:
+            entry.parameters = {**(entry.parameters or {}), name: value}
+    changed.check()
+    return changed
+
+
+def sweep(config, parameter: str, values: Sequence, scorers: dict[str, Scorer], *, live=None,
+          device: str = "auto", progress: Optional[Callable[[int, int, dict], None]] = None,
+          should_stop: Optional[Callable[[], bool]] = None) -> list[dict]:
+    """Score the merge at each value of `parameter` (see `with_parameter`).
+
+    The LiveMerge (made here, or `live`) is updated in place from value to value. Returns
+    one row per value: {"value", each scorer's name: score, "update_seconds"}.
+    `progress(done, total, row)` follows each point; `should_stop()` ends the sweep early.
+    """
+    from .live import LiveMerge
+
+    config = load_config(config)
+    rows = []
+    for index, value in enumerate(values):
+        if should_stop is not None and should_stop():
+            break
+        point = with_parameter(config, parameter, value)
+        started = time.perf_counter()
+        if live is None:
+            live = LiveMerge(point, device=device)
+        else:
+            live.update(point)
+        row = {"value": value, "update_seconds": time.perf_counter() - started}
+        for name, scorer in scorers.items():
+            row[name] = scorer(live.model, live.tokenizer)
+        rows.append(row)
+        if progress is not None:
+            progress(index + 1, len(values), row)
+    return rows
