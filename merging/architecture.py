@@ -8,6 +8,7 @@ before it, the final norm and lm_head after it.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Optional
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
@@ -21,6 +22,7 @@ WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_ke
               "head_dim")
 
 
+@lru_cache(maxsize=None)  # names repeat across every plan of a live session
 def split_layer_name(name: str) -> Optional[tuple[str, int, str]]:
     """'model.layers.3.mlp.up_proj.weight' -> ('model.layers.', 3, 'mlp.up_proj.weight')."""
     match = LAYER_NAME.match(name)

@@ -53,10 +53,12 @@ class TaskInputs:
             end = None if stop is None else stop * row_bytes
             checkpoint.release(name, start * row_bytes, end)
 
-    def block(self, start: int, stop: int, scratch: Optional["Scratch"] = None) -> list[torch.Tensor]:
+    def block(self, start: int, stop: int, scratch: Optional["Scratch"] = None,
+              stored: bool = False) -> list[torch.Tensor]:
         """Rows [start, stop) of every input, in float32 on the device (in `scratch`'s
-        reusable buffers when given); vocabulary tensors cut or padded (from the filler
-        input) to the planned row count."""
+        reusable buffers when given; as stored, without conversion, when `stored` and the
+        inputs already live on the device); vocabulary tensors cut or padded (from the
+        filler input) to the planned row count."""
         if not self.task.shape:
             return [self._convert(t) for t in self.stored]
         stop = min(stop, self.rows)
@@ -66,7 +68,9 @@ class TaskInputs:
             if rows.shape[0] < stop - start:  # a model with fewer vocabulary rows
                 filler = self.stored[self.task.filler_index]
                 rows = torch.cat([rows, filler[start + rows.shape[0]:stop]])
-            if scratch is None or not rows.is_floating_point():
+            if stored and rows.device == self.device:
+                blocks.append(rows)
+            elif scratch is None or not rows.is_floating_point():
                 blocks.append(self._convert(rows))
             else:
                 blocks.append(scratch.take(index, rows.shape).copy_(rows))
@@ -161,7 +165,8 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
             statistics_cache[key] = sums
     coefficients = None
     for index, start in enumerate(starts):
-        block = single or make_inputs(plan, task, inputs.block(start, start + step, scratch), seed)
+        block = single or make_inputs(plan, task, inputs.block(start, start + step, scratch,
+                                                               stored=elementwise.stored_dtype_ok), seed)
         if index == 0:  # parameters are per tensor, so the first block's serve them all
             coefficients = elementwise.coefficients(sums, block)
         first = block.base if block.base is not None else block.models[0]

@@ -110,7 +110,7 @@ class LiveMerge:
         fetch_weights(plan)
         self.checkpoints.update(plan.checkpoints)
         model = self._new_model(plan)
-        sink = ModelSink(model)
+        sink = self.sink = ModelSink(model)
         signatures = {}
         for task in plan.tasks:
             if task.name not in sink.tensors:
@@ -190,7 +190,7 @@ class LiveMerge:
         if dtype != self._model_dtype(self.plan):
             self.last_stats = self._build(config, "the model dtype changed")
             return self.last_stats
-        sink = ModelSink(self.model)
+        sink = self.sink
         recomputed = 0
         with torch.no_grad():
             for task in plan.tasks:

@@ -22,7 +22,7 @@ def gradient_value(values: list, position: float) -> Any:
     scaled = position * (len(values) - 1)
     i0 = int(scaled)
     i1 = min(len(values) - 1, i0 + 1)
-    if not all(_is_number(v) for v in values):
+    if not (_is_number(values[i0]) and _is_number(values[i1])):  # checks made every list uniform
         return values[i0]
     fraction = scaled - i0
     return (1 - fraction) * values[i0] + fraction * values[i1]
@@ -33,8 +33,9 @@ def _is_number(value: Any) -> bool:
 
 
 def is_conditional(setting: Setting) -> bool:
-    return isinstance(setting, dict) or (
-        isinstance(setting, list) and any(isinstance(e, dict) for e in setting))
+    """A {filter, value} entry or a list of them (lists are either all entries or all values)."""
+    return isinstance(setting, dict) or (isinstance(setting, list) and bool(setting)
+                                         and isinstance(setting[0], dict))
 
 
 def filter_matches(filter_text: Optional[str], tensor_name: str) -> bool:

@@ -35,8 +35,9 @@ def linear_coefficients(sums, inputs: TensorInputs) -> list[float]:
 
 
 def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
-    """sum_i c_i x_i, written into `out`."""
-    torch.mul(tensors[0], coefficients[0], out=out)
+    """sum_i c_i x_i, written into the float32 `out` by in-place operations, so the
+    arithmetic is float32 even when the x_i come in their (lower) storage dtype."""
+    out.copy_(tensors[0]).mul_(coefficients[0])
     for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
         out.add_(tensor, alpha=coefficient)
     return out
@@ -191,7 +192,7 @@ register(Method(
     (weight_parameter(),
      Parameter("normalize", bool, True, help="divide by the sum of the weights")),
     base=BASE_IGNORED, min_models=1, reference="https://arxiv.org/abs/2203.05482",
-    elementwise=Elementwise(linear_combine, linear_coefficients)))
+    elementwise=Elementwise(linear_combine, linear_coefficients, stored_dtype_ok=True)))
 
 register(Method(
     "slerp", "spherical interpolation between the base (t=0) and one other model (t=1)", None,
@@ -201,7 +202,7 @@ register(Method(
         combine=lambda inputs, coefficients, out: weighted_sum([inputs.base, inputs.models[0]],
                                                                list(coefficients), out),
         coefficients=lambda sums, inputs: slerp_coefficients(inputs.params["t"], slerp_cosine(sums)),
-        statistics=slerp_statistics)))
+        statistics=slerp_statistics, stored_dtype_ok=True)))
 
 register(Method(
     "nuslerp", "slerp of two models (or their task vectors) with weights, by tensor, row or column",

@@ -117,11 +117,14 @@ class Elementwise:
     coefficients(sums, inputs) -> whatever combine needs (sums is None without statistics);
     combine(inputs, coefficients, out) -> the output for the rows in `inputs`, written
       into the float32 buffer `out` (the engine reuses it from block to block).
+    stored_dtype_ok: combine computes in `out` by in-place float32 operations, so its
+      inputs may come in their storage dtype (bfloat16, float16): one conversion pass less.
     """
 
     combine: Callable[["TensorInputs", Any, torch.Tensor], torch.Tensor]
     coefficients: Callable[[Optional[torch.Tensor], "TensorInputs"], Any] = lambda sums, inputs: None
     statistics: Optional[Callable[["TensorInputs"], torch.Tensor]] = None
+    stored_dtype_ok: bool = False
 
     def merge(self, inputs: "TensorInputs") -> torch.Tensor:
         sums = self.statistics(inputs).double() if self.statistics else None
