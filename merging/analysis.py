@@ -24,7 +24,7 @@ import torch
 
 from . import architecture as arch
 from .config import load_config
-from .engine import TaskInputs, resolve_device
+from .engine import TaskInputs, make_inputs, resolve_device
 from .methods import task_arithmetic
 from .methods.interpolation import slerp_cosine
 from .pipeline import open_checkpoints
@@ -131,10 +131,10 @@ def _kept_fractions(plan: MergePlan, task: TensorTask, tensors, seed: int) -> di
         return {}
     base = tensors[task.base_index]
     others = [i for i in range(len(tensors)) if i != task.base_index]
-    generator = torch.Generator(device=base.device).manual_seed(task.seed(seed)) if plan.method.random else None
+    inputs = make_inputs(plan, task, tensors, seed)
     weighted = []
-    for i, params in zip(others, task.model_params):
-        pruned = task_arithmetic.prune(tensors[i] - base, family.pruning, params, generator, None)
+    for n, (i, params) in enumerate(zip(others, task.model_params)):
+        pruned = task_arithmetic.prune(tensors[i] - base, family.pruning, params, inputs.generator(n), None)
         weighted.append(pruned * params["weight"])
     stacked = torch.stack(weighted)
     kept = stacked != 0

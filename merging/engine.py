@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 
 from .errors import MergeError
-from .methods.registry import TensorInputs
+from .methods.registry import TensorCache, TensorInputs
 from .plan import MergePlan, TensorTask
 
 Progress = Callable[[int, int, str], None]
@@ -107,15 +107,15 @@ class Scratch:
         return buffer[:count].view(shape)
 
 
-def make_inputs(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor],
-                seed: int) -> TensorInputs:
+def make_inputs(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], seed: int,
+                cache: Optional[TensorCache] = None) -> TensorInputs:
     base = tensors[task.base_index] if task.base_index is not None else None
     models = [t for i, t in enumerate(tensors) if i != task.base_index]
-    generator = None
-    if plan.method.random:
-        generator = torch.Generator(device=tensors[0].device)
-        generator.manual_seed(task.seed(seed))
-    return TensorInputs(models, base, task.params, task.model_params, generator, task.name)
+    sources = [s for i, s in enumerate(task.inputs) if i != task.base_index]
+    base_source = task.inputs[task.base_index] if task.base_index is not None else None
+    keys = [(s, task.vocab_rows) for s in sources] + [(base_source, task.vocab_rows)]
+    return TensorInputs(models, base, task.params, task.model_params,
+                        task.seed(seed) if plan.method.random else None, task.name, keys, cache)
 
 
 def statistics_key(plan: MergePlan, task: TensorTask) -> tuple:
@@ -125,14 +125,16 @@ def statistics_key(plan: MergePlan, task: TensorTask) -> tuple:
 
 def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed: int, *,
                   release: bool = True, statistics_cache: Optional[dict] = None,
-                  scratch: Optional[Scratch] = None) -> Iterator[torch.Tensor]:
+                  scratch: Optional[Scratch] = None, cache: Optional[TensorCache] = None
+                  ) -> Iterator[torch.Tensor]:
     """The task's output in float32 on `device`, as consecutive row blocks (integer
     buffers as stored). Sinks cast each block to `task.out_dtype`; a block may live in a
     reused buffer, so it must be consumed before the next one is asked for.
 
     `release` hands the inputs' pages back once read (a one-shot merge); a live session
     keeps them. `statistics_cache` keeps elementwise methods' tensor-wide sums between
-    calls, so changing a parameter skips the pass that computes them.
+    calls, so changing a parameter skips the pass that computes them; `cache` keeps what
+    whole-tensor methods can reuse (pruned task vectors).
     """
     inputs = TaskInputs(plan, task, device)
     step = inputs.block_rows()
@@ -142,7 +144,7 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
         yield inputs.stored[0].clone()  # integer buffers are copied from the first input
         return
     if elementwise is None or not task.shape:
-        result = plan.method.merge(make_inputs(plan, task, inputs.block(0, inputs.rows), seed))
+        result = plan.method.merge(make_inputs(plan, task, inputs.block(0, inputs.rows), seed, cache))
         if release:
             inputs.release()
         for start in range(0, max(1, inputs.rows), step) if task.shape else [0]:

@@ -20,6 +20,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import MergeConfig, MultiStageConfig, load_config
 from .engine import Scratch, merged_blocks, resolve_device
+from .methods.registry import TensorCache
 from .errors import MergeError
 from .folder import resolve_chat_template
 from .pipeline import fetch_weights, open_checkpoints
@@ -76,14 +77,17 @@ class LiveMerge:
 
     `dtype` sets the model's dtype (default: the recipe's out_dtype or dtype, else the
     base's storage dtype); `seed` seeds random methods per tensor, so the same settings
-    always give the same model.
+    always give the same model; `cache_budget_bytes` bounds the cache of pruned task
+    vectors that makes weight and lambda changes of TIES/DARE merges skip the pruning.
     """
 
-    def __init__(self, config, device: str = "auto", *, dtype: Optional[str] = None, seed: int = 0):
+    def __init__(self, config, device: str = "auto", *, dtype: Optional[str] = None, seed: int = 0,
+                 cache_budget_bytes: int = 1 << 30):
         self.device = resolve_device(device)
         self.seed = seed
         self.requested_dtype = dtype
         self.statistics_cache: dict = {}
+        self.tensor_cache = TensorCache(cache_budget_bytes)
         self.scratch = Scratch(self.device)
         self.checkpoints: dict[str, Checkpoint] = {}
         self.model = None
@@ -117,7 +121,8 @@ class LiveMerge:
                 raise MergeError(f"the {type(model).__name__} built from the merged config has no tensor "
                                  f"'{task.name}'")
             sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
-                                                statistics_cache=self.statistics_cache, scratch=self.scratch))
+                                                statistics_cache=self.statistics_cache, scratch=self.scratch,
+                                                cache=self.tensor_cache))
             signatures[task.name] = task_signature(plan, task, self.seed)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
@@ -199,7 +204,7 @@ class LiveMerge:
                     continue
                 sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
                                                     statistics_cache=self.statistics_cache,
-                                                    scratch=self.scratch))
+                                                    scratch=self.scratch, cache=self.tensor_cache))
                 self.signatures[task.name] = signature
                 recomputed += 1
         if plan.tokenizer_donor != self.plan.tokenizer_donor or config.chat_template != self.config.chat_template:
@@ -211,8 +216,10 @@ class LiveMerge:
 
     @property
     def cache_bytes(self) -> int:
-        """Memory held by the caches (the per-tensor sums of elementwise methods)."""
-        return sum(t.numel() * t.element_size() for t in self.statistics_cache.values())
+        """Memory held by the caches: elementwise methods' per-tensor sums and the pruned
+        task vectors of the TIES/DARE family (within `cache_budget_bytes`)."""
+        sums = sum(t.numel() * t.element_size() for t in self.statistics_cache.values())
+        return sums + self.tensor_cache.bytes
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

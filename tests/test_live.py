@@ -141,3 +141,48 @@ def test_stream_yields_pieces_then_the_whole_answer(tiny):
     assert "".join(pieces[:-1]) == final.text and final.new_tokens == 6 and final.tokens_per_second > 0
     again = live.generate("the cat", Sampling(max_new_tokens=6, temperature=0.8, seed=1))
     assert again.text == final.text  # same seed, same sampled answer
+
+
+TIES = """
+models:
+  - model: {c1}
+    parameters: {{weight: {w1}, density: 0.5}}
+  - model: {c2}
+    parameters: {{weight: 0.5, density: 0.7}}
+merge_method: {method}
+base_model: {base}
+dtype: float32
+"""
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_weight_changes_reuse_pruned_task_vectors(method, tiny, tmp_path):
+    text = lambda w1: TIES.format(**paths(tiny, w1=w1, method=method))  # noqa: E731
+    live = LiveMerge(text(0.5), device="cpu", seed=2)
+    cache = live.tensor_cache
+    assert cache.misses == 2 * 39 and cache.hits == 0 and live.cache_bytes > 0
+    stats = live.update(text(0.9))
+    assert stats.recomputed == 39 and cache.hits == 2 * 39 and cache.misses == 2 * 39
+    written = load_tensors(merge(text(0.9), tmp_path / "out", seed=2))
+    state = live.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in written.items())
+
+
+def test_a_zero_cache_budget_stores_nothing_and_stays_correct(tiny, tmp_path):
+    text = TIES.format(**paths(tiny, w1=0.3, method="ties"))
+    live = LiveMerge(text, device="cpu", cache_budget_bytes=0)
+    assert live.tensor_cache.bytes == 0 and live.cache_bytes == 0
+    written = load_tensors(merge(text, tmp_path / "out"))
+    state = live.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in written.items())
+
+
+def test_generate_many_gives_every_model_the_same_prompt_seed_and_settings(tiny):
+    from merging.generation import generate_many
+    base, tokenizer = load_model(tiny["base"])
+    child, _ = load_model(tiny["c1"])
+    sampling = Sampling(max_new_tokens=6, temperature=0.9, top_k=20, seed=4)
+    answers = generate_many({"a": (base, tokenizer), "a again": (base, tokenizer), "b": (child, tokenizer)},
+                            "the dog", sampling)
+    assert answers["a"].text == answers["a again"].text  # same seed: same draws
+    assert set(answers) == {"a", "a again", "b"} and all(g.new_tokens == 6 for g in answers.values())

@@ -19,8 +19,7 @@ def run(method: str, models, base=None, params=None, model_params=None, seed=0):
         values = {p.name: p.default for p in spec.model_parameters}
         values.update((model_params or [{}] * len(models))[index])
         per_model.append(values)
-    generator = torch.Generator().manual_seed(seed)
-    return spec.merge(TensorInputs(list(models), base, full, per_model, generator, "test"))
+    return spec.merge(TensorInputs(list(models), base, full, per_model, seed if spec.random else None, "test"))
 
 
 @pytest.fixture

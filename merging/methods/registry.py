@@ -93,18 +93,63 @@ class TensorInputs:
 
     `models` are the non-base inputs in config order (float32, same shape); `base` is
     the base model's tensor or None; `model_params[i]` holds the per-model parameters
-    of models[i]; `params` the global ones. `generator` seeds random methods.
+    of models[i]; `params` the global ones. `seed` seeds random methods (see generator()).
     """
 
     models: list[torch.Tensor]
     base: Optional[torch.Tensor]
     params: dict
     model_params: list[dict]
-    generator: Optional[torch.Generator] = None
+    seed: Optional[int] = None
     name: str = ""
+    keys: Optional[list] = None  # identities of models[i] and, last, of the base (for caching)
+    cache: Optional["TensorCache"] = None
 
     def per_model(self, key: str) -> list:
         return [p[key] for p in self.model_params]
+
+    def generator(self, index: int) -> Optional[torch.Generator]:
+        """Random numbers for models[index] alone: what one model draws does not depend on
+        the others, so a cached pruned task vector stays valid when another model changes."""
+        if self.seed is None:
+            return None
+        generator = torch.Generator(device=self.models[index].device)
+        generator.manual_seed((self.seed + 0x9E3779B97F4A7C15 * (index + 1)) % 2**63)
+        return generator
+
+    def cached(self, key: Optional[tuple], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """compute(), or the cached result for `key` (with a cache and a key)."""
+        if self.cache is None or key is None or self.keys is None:
+            return compute()
+        return self.cache.get_or_compute(key, compute)
+
+
+class TensorCache:
+    """Tensors kept between updates, least recently used dropped first, within a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        from collections import OrderedDict
+
+        self.budget_bytes = budget_bytes
+        self.entries: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get_or_compute(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        value = compute()
+        size = value.numel() * value.element_size()
+        if size <= self.budget_bytes:
+            while self.bytes + size > self.budget_bytes and self.entries:
+                _, dropped = self.entries.popitem(last=False)
+                self.bytes -= dropped.numel() * dropped.element_size()
+            self.entries[key] = value
+            self.bytes += size
+        return value
 
 
 @dataclass(frozen=True)

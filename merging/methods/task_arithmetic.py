@@ -61,6 +61,15 @@ def prune(task_vector: torch.Tensor, pruning: Optional[str], params: dict,
     return sparsify.rescale(task_vector, pruned, rescale_mode, density)
 
 
+def _pruning_key(inputs: TensorInputs, index: int, family: Family, rescale_mode: Optional[str]):
+    """Everything a pruned task vector depends on (its weight is applied after pruning)."""
+    if family.pruning is None or inputs.keys is None:
+        return None
+    settings = tuple(sorted((k, v) for k, v in inputs.model_params[index].items() if k != "weight"))
+    seed = inputs.seed if family.pruning in ("random", "della") else None
+    return ("pruned", inputs.keys[index], inputs.keys[-1], family.pruning, settings, rescale_mode, seed)
+
+
 def sign_mask(weighted: torch.Tensor) -> torch.Tensor:
     """m_i = [sign(w_i d_i) == s] with s = sign(sum_i w_i d_i), 0 counted as +."""
     majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
@@ -78,7 +87,9 @@ def combine(inputs: TensorInputs, family: Family) -> torch.Tensor:
     weights = inputs.per_model("weight")
     weighted = torch.empty((len(inputs.models), *base.shape), dtype=base.dtype, device=base.device)
     for index, (model, model_params) in enumerate(zip(inputs.models, inputs.model_params)):
-        task_vector = prune(model - base, family.pruning, model_params, inputs.generator, rescale_mode)
+        def pruned(model=model, model_params=model_params, index=index):
+            return prune(model - base, family.pruning, model_params, inputs.generator(index), rescale_mode)
+        task_vector = inputs.cached(_pruning_key(inputs, index, family, rescale_mode), pruned)
         torch.mul(task_vector, weights[index], out=weighted[index])
     weight_column = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(
         (-1,) + (1,) * base.dim())
