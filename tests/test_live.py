@@ -185,4 +185,4 @@ def test_generate_many_gives_every_model_the_same_prompt_seed_and_settings(tiny)
     answers = generate_many({"a": (base, tokenizer), "a again": (base, tokenizer), "b": (child, tokenizer)},
                             "the dog", sampling)
     assert answers["a"].text == answers["a again"].text  # same seed: same draws
-    assert set(answers) == {"a", "a again", "b"} and all(g.new_tokens == 6 for g in answers.values())
+    assert set(answers) == {"a", "a again", "b"} and all(1 <= g.new_tokens <= 6 for g in answers.values())
