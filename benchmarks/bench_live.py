@@ -7,6 +7,8 @@ gradient SLERP written out as one t per layer (30 values each for self_attn, mlp
 rest), then times, as medians over `--runs`:
 - a full update: every layer's t changes, so every tensor is recomputed;
 - a one-layer update: one layer's three values change (its 9 tensors);
+- for TIES with two children: an update after a weight change (pruned task vectors come
+  from the cache) and after a density change (pruning again);
 beside the memory-bandwidth floor for the bytes those updates must touch (inputs read
 once, outputs written once; the bandwidth measured here by copying a 512 MiB tensor), and
 beside what the same change costs with mergekit: `mergekit-yaml` plus loading its output
@@ -103,6 +105,35 @@ def mergekit_and_load(config: Path, work: Path) -> float:
     return seconds
 
 
+def ties_updates(base: Path, child: Path, cache: Path, runs: int) -> dict:
+    """TIES with two children: a weight change reuses the cached pruned task vectors; a
+    density change has to prune again."""
+    import smollm2
+    child2 = smollm2.build_child(base, cache, seed=2)
+
+    def text(weight, density):
+        return (f"models:\n  - model: {child}\n    parameters: {{weight: {weight}, density: {density}}}\n"
+                f"  - model: {child2}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+                f"merge_method: ties\nbase_model: {base}\ndtype: bfloat16\n")
+
+    started = time.perf_counter()
+    live = LiveMerge(text(0.5, 0.5), device="cpu", cache_budget_bytes=4 << 30)
+    build = time.perf_counter() - started
+    weight = median_seconds(lambda run: live.update(text(0.3 + 0.05 * (run % 7), 0.5)), runs)
+    density = median_seconds(lambda run: live.update(text(0.5, 0.3 + 0.05 * (run % 7))), max(3, runs // 3))
+    return {"build": build, "weight": weight, "density": density, "cache": live.cache_bytes}
+
+
+def print_ties(rows: dict) -> None:
+    print("| TIES, two children | seconds |")
+    print("|---|---|")
+    print(f"| first build | {rows['build']:.2f} |")
+    print(f"| update after a weight change (pruned task vectors from the cache) | {rows['weight']:.2f} |")
+    print(f"| update after a density change (pruning again) | {rows['density']:.2f} |")
+    print(f"| cache held | {rows['cache'] / 2**20:.0f} MiB |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7)
@@ -182,6 +213,9 @@ def main() -> None:
     print(f"| RSS after build: anonymous / file-backed | {memory['RssAnon'] / mib:.0f} / {memory['RssFile'] / mib:.0f} |")
     print(f"| RSS after the updates: anonymous / file-backed | {after['RssAnon'] / mib:.0f} / "
           f"{after['RssFile'] / mib:.0f} |")
+    print()
+    del live  # measured last, so that its caches do not weigh on the numbers above
+    print_ties(ties_updates(base, child, args.cache, max(3, args.runs // 2)))
 
 
 if __name__ == "__main__":
