@@ -2,24 +2,48 @@
 
 from __future__ import annotations
 
+import sys
+
 import gradio as gr
 
+from merging.errors import MergeError
 from ui.recipe_panel import build_recipe_panel
 
 INTRO = """# MergeLab
 Explore model merges: mergekit-compatible recipes, checked before any heavy work.
 The interactive per-layer merge, weight diagnostics and side-by-side chat arrive with the
 next releases; today this page checks a recipe and shows its plan, and the same recipe merges
-from the command line with `python -m merging RECIPE.yml OUT_DIR`.
+from the command line with `python -m merging RECIPE.yml OUT_DIR`. The example merges the
+offline demo family: SmolLM2-135M-Instruct fine-tuned to answer in a JSON record, and to
+reverse words.
 """
 
 
-def build_app() -> gr.Blocks:
+def demo_family() -> dict | None:
+    """Build (first start) or find the offline demo models, with progress on the console."""
+    from tqdm import tqdm
+
+    from merging.demo import build_family
+
+    try:
+        with tqdm(total=100, desc="demo models", file=sys.stderr) as bar:
+            def progress(fraction, what):
+                bar.n = int(100 * fraction)
+                bar.set_description(what)
+                bar.refresh()
+            family = build_family(progress=progress)
+        return {name: str(path) for name, path in family.items()}
+    except MergeError as error:
+        print(f"MergeLab: no demo models ({error})", file=sys.stderr)
+        return None
+
+
+def build_app(family: dict | None = None) -> gr.Blocks:
     with gr.Blocks(title="MergeLab") as app:
         gr.Markdown(INTRO)
-        build_recipe_panel()
+        build_recipe_panel(family)
     return app
 
 
 if __name__ == "__main__":
-    build_app().queue(default_concurrency_limit=2).launch()
+    build_app(demo_family()).queue(default_concurrency_limit=2).launch()

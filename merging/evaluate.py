@@ -58,16 +58,33 @@ def normalize_answer(text: str) -> str:
     return text.strip().rstrip(".").strip()
 
 
-def probe_results(model, tokenizer, probes: Iterable[Probe], max_new_tokens: Optional[int] = None) -> list[dict]:
-    """Greedy answers to each probe, and whether each matches exactly (after normalizing)."""
-    from .generation import Sampling, generate
+@torch.no_grad()
+def probe_results(model, tokenizer, probes: Iterable[Probe], max_new_tokens: Optional[int] = None,
+                  batch_size: int = 16) -> list[dict]:
+    """Greedy answers to each probe (batched, left-padded), and whether each matches
+    exactly after normalizing."""
+    from .generation import chat_inputs
 
+    probes = list(probes)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
-    for probe in probes:
-        budget = max_new_tokens or len(tokenizer(probe.answer)["input_ids"]) + 8
-        answer = generate(model, tokenizer, probe.prompt, Sampling(max_new_tokens=budget)).text
-        rows.append({"prompt": probe.prompt, "expected": probe.answer, "answer": answer,
-                     "correct": normalize_answer(answer) == normalize_answer(probe.answer)})
+    for start in range(0, len(probes), batch_size):
+        chunk = probes[start:start + batch_size]
+        encoded = [chat_inputs(tokenizer, probe.prompt, "cpu")["input_ids"][0] for probe in chunk]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, sequence in enumerate(encoded):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(sequence):] = sequence
+            mask[row, width - len(sequence):] = 1
+        budget = max_new_tokens or max(len(tokenizer(p.answer)["input_ids"]) for p in chunk) + 8
+        output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
+                                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        for probe, generated in zip(chunk, output[:, width:]):
+            answer = tokenizer.decode(generated, skip_special_tokens=True)
+            rows.append({"prompt": probe.prompt, "expected": probe.answer, "answer": answer,
+                         "correct": normalize_answer(answer) == normalize_answer(probe.answer)})
     return rows
 
 

@@ -33,3 +33,20 @@ def tiny(tmp_path_factory) -> Family:
     family["tied_child"] = make_child(family["tied"], root / "tied_child", seed=8)
     family["more_vocab"] = make_child(family["base"], root / "more_vocab", seed=9, extra_rows=8)
     return family
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """A MERGELAB_CACHE root holding the demo family, built once from the shipped adapters."""
+    from merging.demo import build_family
+
+    root = tmp_path_factory.mktemp("mergelab-cache")
+    build_family(root / "demo")
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_family(demo_cache) -> dict:
+    from merging.demo import build_family
+
+    return build_family(demo_cache / "demo")  # already built: returns at once

@@ -21,10 +21,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(demo_cache):
     port = free_port()
     env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", MERGELAB_CACHE=str(demo_cache))
     process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
@@ -53,6 +53,17 @@ def test_app_serves_the_page(server):
         assert "MergeLab" in response.read().decode()
 
 
+def test_the_default_recipe_merges_the_offline_demo_family(server, demo_family):
+    from gradio_client import Client
+
+    from ui.recipe_panel import default_recipe
+
+    recipe = default_recipe({name: str(path) for name, path in demo_family.items()})
+    assert str(demo_family["json"]) in recipe and str(demo_family["reverse"]) in recipe
+    plan = Client(server, verbose=False).predict(recipe, api_name="/check_recipe")
+    assert "output: 30 layers, 272 tensors" in plan
+
+
 def test_check_recipe_over_the_api(server, tiny):
     from gradio_client import Client
 
@@ -65,11 +76,15 @@ def test_check_recipe_over_the_api(server, tiny):
         client.predict(recipe.replace("slerp", "slurp"), api_name="/check_recipe")
 
 
-def test_public_deployment_refuses_local_paths(tiny, monkeypatch):
+def test_public_deployment_refuses_local_paths_but_not_the_demo_models(tiny, demo_cache, demo_family,
+                                                                       monkeypatch):
     import gradio as gr
 
     from ui.recipe_panel import check_recipe
     monkeypatch.setenv("MERGELAB_PUBLIC", "1")
+    monkeypatch.setenv("MERGELAB_CACHE", str(demo_cache))
     recipe = f"models:\n  - model: {tiny.path('c1')}\nmerge_method: passthrough\n"
     with pytest.raises(gr.Error, match="local paths are disabled"):
         check_recipe(recipe)
+    demo = f"models:\n  - model: {demo_family['json']}\nmerge_method: passthrough\n"
+    assert "output: 30 layers" in check_recipe(demo)

