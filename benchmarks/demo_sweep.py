@@ -59,7 +59,7 @@ def main() -> None:
     started = time.perf_counter()
     for name in ("base", "json", "reverse"):
         from merging.generation import load_model
-        rows.append({"setting": f"{name} model", **score(*load_model(family[name]))})
+        rows.append({"setting": f"{name} model", **score(*load_model(family[name], dtype="float32"))})
     for t in (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0):
         recipe = SLERP.format(t=t, **family)
         live = LiveMerge(recipe, device="cpu") if live is None else live

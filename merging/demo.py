@@ -141,10 +141,14 @@ def build_child(base: Path, skill: str, cache: Path, progress: Progress = None) 
 def build_family(cache: Optional[Path] = None, progress: Progress = None) -> dict[str, Path]:
     """Base and children in `cache` (built on first use, reused afterwards), by name."""
     cache = Path(cache) if cache else default_cache()
-    base = build_base(cache, progress)
+
+    def stage(start: float, end: float) -> Progress:  # one bar over the whole build
+        return (lambda fraction, what: progress(start + (end - start) * fraction, what)) if progress else None
+
+    base = build_base(cache, stage(0.0, 0.6))
     family = {"base": base}
-    for skill in ("json", "reverse"):
-        family[skill] = build_child(base, skill, cache, progress)
+    for index, skill in enumerate(("json", "reverse")):
+        family[skill] = build_child(base, skill, cache, stage(0.6 + 0.2 * index, 0.8 + 0.2 * index))
     if progress:
         progress(1.0, "demo models ready")
     return family
