@@ -210,11 +210,12 @@ def main() -> None:
     print(f"| sources, mapped (file size) | {source_bytes / mib:.0f} |")
     print(f"| merged model (bfloat16) | {model_bytes / mib:.0f} |")
     print(f"| caches, as LiveMerge reports them | {live.cache_bytes / mib:.3f} |")
-    print(f"| RSS after build: anonymous / file-backed | {memory['RssAnon'] / mib:.0f} / {memory['RssFile'] / mib:.0f} |")
+    print(f"| RSS after build: anonymous / file-backed | {memory['RssAnon'] / mib:.0f} / "
+          f"{memory['RssFile'] / mib:.0f} |")
     print(f"| RSS after the updates: anonymous / file-backed | {after['RssAnon'] / mib:.0f} / "
           f"{after['RssFile'] / mib:.0f} |")
     print()
-    del live  # measured last, so that its caches do not weigh on the numbers above
+    live = None  # freed: TIES is measured last, so its caches do not weigh on the numbers above
     print_ties(ties_updates(base, child, args.cache, max(3, args.runs // 2)))
 
 

