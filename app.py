@@ -7,14 +7,14 @@ import sys
 import gradio as gr
 
 from merging.errors import MergeError
+from ui.lab import build_lab, forget_session
 from ui.recipe_panel import build_recipe_panel
 
 INTRO = """# MergeLab
 Explore model merges: mergekit-compatible recipes, checked before any heavy work.
-The interactive per-layer merge, weight diagnostics and side-by-side chat arrive with the
-next releases; today this page checks a recipe and shows its plan, and the same recipe merges
-from the command line with `python -m merging RECIPE.yml OUT_DIR`. The example merges the
-offline demo family: SmolLM2-135M-Instruct fine-tuned to answer in a JSON record, and to
+Merge, try the merge beside its parents, move t and merge again in place; the same recipe
+merges from the command line with `python -m merging RECIPE.yml OUT_DIR`. The example merges
+the offline demo family: SmolLM2-135M-Instruct fine-tuned to answer in a JSON record, and to
 reverse words.
 """
 
@@ -41,7 +41,11 @@ def demo_family() -> dict | None:
 def build_app(family: dict | None = None) -> gr.Blocks:
     with gr.Blocks(title="MergeLab") as app:
         gr.Markdown(INTRO)
-        build_recipe_panel(family)
+        with gr.Tab("Lab"):
+            build_lab(family)
+        with gr.Tab("Check a recipe"):
+            build_recipe_panel(family)
+        app.unload(forget_session)  # the session's merged model goes when its browser does
     return app
 
 

@@ -88,3 +88,52 @@ def test_public_deployment_refuses_local_paths_but_not_the_demo_models(tiny, dem
         check_recipe(recipe)
     demo = f"models:\n  - model: {demo_family['json']}\nmerge_method: passthrough\n"
     assert "output: 30 layers" in check_recipe(demo)
+
+
+def last_answer(history) -> str:
+    content = history[-1]["content"]
+    if isinstance(content, list):  # Gradio may send content as a list of blocks
+        content = "".join(block.get("text", "") if isinstance(block, dict) else str(block) for block in content)
+    return content
+
+
+def test_lab_merges_answers_beside_its_parents_and_updates_in_place(server, demo_family):
+    from gradio_client import Client
+
+    from ui.lab import LAB_RECIPE
+
+    client = Client(server, verbose=False)
+    recipe = LAB_RECIPE.format(**{name: str(path) for name, path in demo_family.items()})
+    at_zero = client.predict(recipe, 0.0, api_name="/set_t")
+    assert "t: 0.0" in at_zero
+    assert "Merged" in client.predict(at_zero, api_name="/merge")
+    prompt = "Reverse the words: red lamp quiet"
+    a, b, merged, speed = client.predict(prompt, 24, 0, 0, api_name="/ask")
+    assert last_answer(merged) == last_answer(a) != last_answer(b)  # t=0 is model A, greedy
+    assert "tokens/s" in speed
+    at_one = client.predict(recipe, 1.0, api_name="/set_t")
+    status = client.predict(at_one, api_name="/merge")
+    assert "recomputed 272 of 272 tensors" in status and "rebuilt" not in status
+    a, b, merged, _ = client.predict(prompt, 24, 0, 0, api_name="/ask")
+    assert last_answer(merged) == last_answer(b) == "quiet lamp red"
+
+
+def test_lab_diagnostics_return_rows_and_a_heatmap(server, demo_family):
+    from gradio_client import Client
+
+    from ui.lab import LAB_RECIPE
+
+    recipe = LAB_RECIPE.format(**{name: str(path) for name, path in demo_family.items()})
+    plot, records = Client(server, verbose=False).predict(recipe, "angle_deg", api_name="/diagnostics")
+    assert len(records) == 272 and {"layer", "module", "angle_deg", "slerp_fallback"} <= set(records[0])
+    assert plot is not None
+
+
+def test_lab_errors_are_readable(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    with pytest.raises(Exception, match="press Merge first"):
+        client.predict("hello", 8, 0, 0, api_name="/ask")
+    with pytest.raises(Exception, match="unknown merge_method"):
+        client.predict("models:\n  - model: a/b\nmerge_method: slurp\n", api_name="/merge")

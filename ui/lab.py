@@ -1,0 +1,165 @@
+"""The lab: a recipe, a t slider, Merge (in place), weight diagnostics, and the arena where
+model A, model B and the merge answer the same prompt with the same settings.
+
+Every handler takes the session from the registry; no model or tensor goes into gr.State.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import gradio as gr
+
+from merging import MergeConfig, MergeError, load_config
+from merging.analysis import METRICS, diagnose_plan, heatmap
+from merging.evaluate import with_parameter
+from merging.generation import Sampling, stream
+
+from .recipe_panel import is_public_deployment, refuse_local_paths
+from .session import PARENTS, SESSIONS
+
+LAB_RECIPE = """\
+models:
+  - model: {reverse}
+merge_method: slerp
+base_model: {json}
+parameters:
+  t: 0.5
+dtype: float32
+"""
+
+
+def _config(recipe: str) -> MergeConfig:
+    config = load_config(recipe)
+    if not isinstance(config, MergeConfig):
+        raise MergeError("the lab merges one recipe at a time; multi-stage files merge from the command line")
+    if is_public_deployment():
+        refuse_local_paths(config)
+    return config
+
+
+def _friendly(error: Exception) -> gr.Error:
+    if isinstance(error, MergeError):
+        return gr.Error(str(error))
+    return gr.Error(f"unexpected error: {type(error).__name__}: {error}")
+
+
+def set_t(recipe: str, t: float) -> str:
+    """The recipe with one global t (replacing gradients and filters)."""
+    try:
+        return with_parameter(_config(recipe), "t", float(t)).to_yaml()
+    except Exception as error:
+        raise _friendly(error) from None
+
+
+def merge_recipe(recipe: str, request: gr.Request, progress=gr.Progress()) -> str:
+    """Build the session's merged model, or update it in place."""
+    from merging import LiveMerge
+
+    try:
+        config = _config(recipe)
+        session = SESSIONS.get(request.session_hash if request else None)
+        with session.lock:
+            if session.live is None:
+                progress(0.1, desc="building the merged model")
+                session.live = LiveMerge(config)
+                stats = session.live.last_stats
+            else:
+                stats = session.live.update(config)
+        return f"**Merged.** {stats}"
+    except Exception as error:
+        raise _friendly(error) from None
+
+
+def _pane_models(session) -> list[tuple[str, object, object]]:
+    live = session.live
+    names = live.config.referenced_models()
+    dtype = next(live.model.parameters()).dtype
+    panes = []
+    for label, name in zip(("A", "B"), names[:2]):
+        model, tokenizer = PARENTS.get(name, dtype)
+        panes.append((f"{label}: {name}", model, tokenizer))
+    panes.append(("merged", live.model, live.tokenizer))
+    return panes
+
+
+def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, request: gr.Request):
+    """Stream the same prompt, seed and sampling to model A, model B and the merge."""
+    session = SESSIONS.get(request.session_hash if request else None)
+    if session.live is None:
+        raise gr.Error("press Merge first: there is no merged model yet")
+    if not prompt or not prompt.strip():
+        raise gr.Error("write a prompt first")
+    sampling = Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=int(seed))
+    try:
+        panes = _pane_models(session)
+    except Exception as error:
+        raise _friendly(error) from None
+    histories = [[{"role": "user", "content": prompt}] for _ in panes]
+    speeds = ["", "", ""]
+    for index, (label, model, tokenizer) in enumerate(panes):
+        histories[index].append({"role": "assistant", "content": ""})
+        for piece in stream(model, tokenizer, prompt, sampling):
+            if isinstance(piece, str):
+                histories[index][-1]["content"] += piece
+            else:
+                speeds[index] = f"{label}: {piece.new_tokens} tokens, {piece.tokens_per_second:.1f} tokens/s"
+            yield (*histories, " · ".join(s for s in speeds if s))
+
+
+def clear():
+    return [], [], [], ""
+
+
+def show_diagnostics(recipe: str, metric: str):
+    """A layers x modules heatmap of `metric`, and the records behind it."""
+    from merging.pipeline import plan_stages
+
+    try:
+        plan = plan_stages(_config(recipe))[0]
+        records = diagnose_plan(plan)
+    except Exception as error:
+        raise _friendly(error) from None
+    if not records:
+        raise gr.Error("this recipe has no tensor with two inputs to compare")
+    return heatmap(records, metric), records
+
+
+def forget_session(request: gr.Request) -> None:
+    SESSIONS.drop(request.session_hash if request else None)
+
+
+def build_lab(family: Optional[dict]) -> None:
+    recipe_text = LAB_RECIPE.format(**family) if family else ""
+    with gr.Row():
+        with gr.Column(scale=3):
+            recipe = gr.Code(recipe_text, language="yaml", label="Recipe (mergekit YAML)")
+        with gr.Column(scale=2):
+            t = gr.Slider(0, 1, value=0.5, step=0.05, label="t (0 = base model A, 1 = model B)")
+            merge = gr.Button("Merge", variant="primary")
+            status = gr.Markdown("Press **Merge** to build the merged model.")
+    t.release(set_t, inputs=[recipe, t], outputs=recipe, api_name="set_t")
+    merge.click(merge_recipe, inputs=recipe, outputs=status, api_name="merge", concurrency_limit=1)
+
+    gr.Markdown("### Arena: the same prompt, seed and sampling for A, B and the merge")
+    with gr.Row():
+        panes = [gr.Chatbot(label=label, height=260) for label in ("model A", "model B", "merged")]
+    speed = gr.Markdown()
+    with gr.Row():
+        prompt = gr.Textbox("Reverse the words: red lamp quiet", label="Prompt", scale=4)
+        send = gr.Button("Ask all three", variant="primary", scale=1)
+        reset = gr.Button("Clear", scale=1)
+    with gr.Row():
+        max_new_tokens = gr.Slider(1, 256, value=32, step=1, label="max new tokens")
+        temperature = gr.Slider(0, 1.5, value=0, step=0.05, label="temperature (0 = greedy)")
+        seed = gr.Number(0, precision=0, label="seed")
+    send.click(ask, inputs=[prompt, max_new_tokens, temperature, seed], outputs=[*panes, speed], api_name="ask")
+    reset.click(clear, outputs=[*panes, speed], api_name="clear")
+
+    gr.Markdown("### Weights")
+    with gr.Row():
+        metric = gr.Dropdown(list(METRICS), value="angle_deg", label="metric")
+        show = gr.Button("Show diagnostics")
+    plot = gr.Plot(label="layers x module types")
+    table = gr.JSON(label="records", visible=False)
+    show.click(show_diagnostics, inputs=[recipe, metric], outputs=[plot, table], api_name="diagnostics")

@@ -1,0 +1,64 @@
+"""Per-browser-session state, kept out of gr.State: a registry keyed by the session hash.
+
+Each session owns its LiveMerge; parent models loaded for the arena are shared read-only
+between sessions (the same folder and dtype load once). A session's entry is dropped when
+its browser leaves (Blocks.unload), and with it the merged model.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Session:
+    live: Optional[object] = None  # merging.LiveMerge
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SessionRegistry:
+    def __init__(self):
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session_hash: Optional[str]) -> Session:
+        key = session_hash or "local"
+        with self._lock:
+            return self._sessions.setdefault(key, Session())
+
+    def drop(self, session_hash: Optional[str]) -> None:
+        with self._lock:
+            self._sessions.pop(session_hash or "local", None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+class SharedModels:
+    """Parent models for the arena, loaded once per (folder, dtype) and never modified."""
+
+    def __init__(self, limit: int = 4):
+        self.limit = limit
+        self._models: dict[tuple, tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, folder: str, dtype: torch.dtype):
+        from merging.checkpoint import Checkpoint
+        from merging.generation import load_model
+
+        key = (folder, str(dtype))
+        with self._lock:
+            if key not in self._models:
+                checkpoint = Checkpoint.open(folder)  # hub ids resolve to their cached snapshot
+                if len(self._models) >= self.limit:
+                    self._models.pop(next(iter(self._models)))
+                self._models[key] = load_model(checkpoint.folder, dtype=dtype)
+            return self._models[key]
+
+
+SESSIONS = SessionRegistry()
+PARENTS = SharedModels()
