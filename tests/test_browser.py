@@ -1,0 +1,46 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright.
+
+Open the app, press Merge, ask all three panes, see their replies and the weights heatmap.
+With MERGELAB_SCREENSHOTS set to a folder, the screenshots are saved there (docs/ for the
+README); otherwise into the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync"]
+
+
+@pytest.fixture
+def page():
+    if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser.new_page(viewport={"width": 1280, "height": 1400})
+        browser.close()
+
+
+def test_merge_ask_and_see_the_weights_in_chromium(server, page, tmp_path):
+    shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    page.goto(server)
+    page.get_by_role("button", name="Merge", exact=True).click()
+    page.get_by_text("Merged.").wait_for(timeout=120_000)
+    page.get_by_role("button", name="Ask all three").click()
+    bubbles = page.locator(".message-wrap .bot")
+    page.wait_for_function("document.querySelectorAll('.message-wrap .bot').length >= 3", timeout=120_000)
+    page.get_by_text("tokens/s").first.wait_for(timeout=120_000)
+    assert bubbles.count() >= 3 and all(bubbles.nth(i).inner_text().strip() for i in range(3))
+    page.get_by_role("button", name="Show diagnostics").click()
+    page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+    page.screenshot(path=str(shots / "app-lab.png"), full_page=True)
