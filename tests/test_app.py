@@ -95,3 +95,37 @@ def test_lab_errors_are_readable(server):
         client.predict("hello", 8, 0, 0, api_name="/ask")
     with pytest.raises(Exception, match="unknown merge_method"):
         client.predict("models:\n  - model: a/b\nmerge_method: slurp\n", api_name="/merge")
+
+
+def test_per_layer_controls_write_read_and_edit_the_recipe(server, demo_family):
+    from gradio_client import Client
+
+    from merging import MergeConfig
+    from ui.lab import LAB_RECIPE
+
+    client = Client(server, verbose=False)
+    recipe = LAB_RECIPE.format(**{name: str(path) for name, path in demo_family.items()})
+    attention, mlp, other = client.predict("LazyMergekit gradient", api_name="/preset")
+    assert attention == "0, 0.5, 0.3, 0.7, 1" and mlp == "1, 0.5, 0.7, 0.3, 0" and other == "0.5"
+    written, _ = client.predict(recipe, attention, mlp, other, api_name="/set_layers")
+    t = MergeConfig.from_yaml(written).parameters["t"]
+    assert t == [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+    assert client.predict(written, api_name="/read_layers")[:3] == (attention, mlp, other)
+    attention, _, _, edited, _ = client.predict(written, attention, mlp, other, "attention", "set", 10, 12, 0.9,
+                                                api_name="/edit_layers")
+    values = [float(v) for v in attention.split(",")]
+    assert len(values) == 30 and values[10:13] == [0.9, 0.9, 0.9] and values[0] == 0 and values[29] == 1
+    with pytest.raises(Exception, match="not a list of numbers"):
+        client.predict(recipe, "zero", mlp, other, api_name="/set_layers")
+
+
+def test_save_writes_a_loadable_folder(server, demo_family, tmp_path):
+    from gradio_client import Client
+
+    from ui.lab import LAB_RECIPE
+
+    recipe = LAB_RECIPE.format(**{name: str(path) for name, path in demo_family.items()})
+    message = Client(server, verbose=False).predict(recipe, str(tmp_path / "saved"), api_name="/save")
+    assert "Saved" in message
+    assert (tmp_path / "saved" / "model.safetensors").is_file() and (tmp_path / "saved" / "README.md").is_file()

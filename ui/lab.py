@@ -15,6 +15,7 @@ from merging.analysis import METRICS, diagnose_plan, heatmap
 from merging.evaluate import with_parameter
 from merging.generation import Sampling, stream
 
+from . import layers
 from .recipe_panel import is_public_deployment, refuse_local_paths
 from .session import PARENTS, SESSIONS
 
@@ -125,6 +126,83 @@ def show_diagnostics(recipe: str, metric: str):
     return heatmap(records, metric), records
 
 
+def _layer_count(config: MergeConfig) -> int:
+    from merging.pipeline import plan_stages
+
+    return plan_stages(config)[0].num_layers
+
+
+def _names(config: MergeConfig) -> tuple[str, str]:
+    names = [n.rstrip("/").split("/")[-1] for n in config.referenced_models()]
+    return (names + ["model A", "model B"])[0], (names[1:] + ["model B"])[0]
+
+
+def set_layers(recipe: str, attention: str, mlp: str, other: str):
+    """Write the per-layer control points into the recipe as a filter list; show the values."""
+    try:
+        config = _config(recipe)
+        points = [layers.parse_points(text, label) for text, label in
+                  ((attention, "attention"), (mlp, "MLP"), (other, "other"))]
+        changed = layers.with_layer_points(config, "t", *points)
+        return changed.to_yaml(), layers.values_figure(*points, _layer_count(changed), _names(changed))
+    except Exception as error:
+        raise _friendly(error) from None
+
+
+def read_layers(recipe: str):
+    """The recipe's t as control points for attention, MLP and the rest, and their values."""
+    try:
+        config = _config(recipe)
+        points = layers.points_from_config(config, "t")
+        figure = layers.values_figure(*points, _layer_count(config), _names(config))
+        return (*[layers.format_points(p) for p in points], figure)
+    except Exception as error:
+        raise _friendly(error) from None
+
+
+def use_preset(name: str) -> tuple[str, str, str]:
+    return tuple(layers.format_points(points) for points in layers.PRESETS[name])
+
+
+def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, operation: str,
+                first: float, last: float, amount: float):
+    """set / add / multiply one module type's t on a range of layers (one value per layer)."""
+    try:
+        config = _config(recipe)
+        count = _layer_count(config)
+        texts = {"attention": attention, "MLP": mlp, "other": other}
+        points = layers.parse_points(texts[module], module)
+        texts[module] = layers.format_points(
+            layers.edit_range(layers.expand(points, count), operation, int(first), int(last), float(amount)))
+        changed_recipe, figure = set_layers(recipe, texts["attention"], texts["MLP"], texts["other"])
+        return texts["attention"], texts["MLP"], texts["other"], changed_recipe, figure
+    except gr.Error:
+        raise
+    except Exception as error:
+        raise _friendly(error) from None
+
+
+def save_merge(recipe: str, folder: str, progress=gr.Progress()) -> str:
+    """Write the recipe's merge to a folder with its model card (merge(), atomic)."""
+    import os
+    from pathlib import Path
+
+    from merging import merge
+
+    try:
+        config = _config(recipe)
+        if not folder or not folder.strip():
+            raise MergeError("give a folder to save the merged model in")
+        target = Path(folder).expanduser()
+        if is_public_deployment():  # only under the deployment's outputs folder
+            outputs = Path(os.environ.get("MERGELAB_OUTPUTS", "outputs")).resolve()
+            target = (outputs / target.name).resolve()
+        merge(config, target, progress=lambda done, total, name: progress(done / total, desc=f"merging {name}"))
+        return f"**Saved** to `{target}`: weights, config, tokenizer and a model card with the recipe."
+    except Exception as error:
+        raise _friendly(error) from None
+
+
 def forget_session(request: gr.Request) -> None:
     SESSIONS.drop(request.session_hash if request else None)
 
@@ -140,6 +218,30 @@ def build_lab(family: Optional[dict]) -> None:
             status = gr.Markdown("Press **Merge** to build the merged model.")
     t.release(set_t, inputs=[recipe, t], outputs=recipe, api_name="set_t")
     merge.click(merge_recipe, inputs=recipe, outputs=status, api_name="merge", concurrency_limit=1)
+
+    with gr.Accordion("Per-layer t: control points for attention, MLP and the rest", open=False):
+        with gr.Row():
+            preset = gr.Dropdown(list(layers.PRESETS), value=None, label="preset")
+            read = gr.Button("Read from recipe")
+            apply = gr.Button("Write into recipe", variant="primary")
+        with gr.Row():
+            attention = gr.Textbox("0.5", label="attention (self_attn) control points")
+            mlp = gr.Textbox("0.5", label="MLP control points")
+            other = gr.Textbox("0.5", label="other tensors (norms, embeddings)")
+        with gr.Row():
+            module = gr.Dropdown(["attention", "MLP", "other"], value="attention", label="edit")
+            operation = gr.Dropdown(["set", "add", "multiply"], value="set", label="operation")
+            first = gr.Number(0, precision=0, label="from layer")
+            last = gr.Number(0, precision=0, label="to layer")
+            amount = gr.Number(1.0, label="amount")
+            edit = gr.Button("Apply to the range")
+        curve = gr.Plot(label="the exact t per layer the merge will use")
+    preset.input(use_preset, inputs=preset, outputs=[attention, mlp, other], api_name="preset").then(
+        set_layers, inputs=[recipe, attention, mlp, other], outputs=[recipe, curve])
+    apply.click(set_layers, inputs=[recipe, attention, mlp, other], outputs=[recipe, curve], api_name="set_layers")
+    read.click(read_layers, inputs=recipe, outputs=[attention, mlp, other, curve], api_name="read_layers")
+    edit.click(edit_layers, inputs=[recipe, attention, mlp, other, module, operation, first, last, amount],
+               outputs=[attention, mlp, other, recipe, curve], api_name="edit_layers")
 
     gr.Markdown("### Arena: the same prompt, seed and sampling for A, B and the merge")
     with gr.Row():
@@ -163,3 +265,10 @@ def build_lab(family: Optional[dict]) -> None:
     plot = gr.Plot(label="layers x module types")
     table = gr.JSON(label="records", visible=False)
     show.click(show_diagnostics, inputs=[recipe, metric], outputs=[plot, table], api_name="diagnostics")
+
+    gr.Markdown("### Save")
+    with gr.Row():
+        folder = gr.Textbox("merged-model", label="folder", scale=4)
+        save = gr.Button("Save the merged model", scale=1)
+    saved = gr.Markdown()
+    save.click(save_merge, inputs=[recipe, folder], outputs=saved, api_name="save", concurrency_limit=1)
