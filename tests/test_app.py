@@ -129,3 +129,40 @@ def test_save_writes_a_loadable_folder(server, demo_family, tmp_path):
     message = Client(server, verbose=False).predict(recipe, str(tmp_path / "saved"), api_name="/save")
     assert "Saved" in message
     assert (tmp_path / "saved" / "model.safetensors").is_file() and (tmp_path / "saved" / "README.md").is_file()
+
+
+def test_compatibility_verdict_names_what_differs(server, demo_family, tiny):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    verdict = client.predict([str(demo_family["json"]), str(demo_family["reverse"]), tiny.path("base")],
+                             str(demo_family["base"]), api_name="/compatibility")
+    lines = verdict.splitlines()
+    assert "reference (base)" in lines[2]
+    assert "can merge" in lines[3] and "can merge" in lines[4]
+    assert "cannot merge: num_hidden_layers 4 vs 30, hidden_size 32 vs 576" in lines[5]
+
+
+def test_recipe_from_controls_uses_the_declared_parameters(demo_family):
+    from merging import MergeConfig
+    from ui.builder import recipe_from_controls
+
+    json_model, reverse_model, base = (str(demo_family[k]) for k in ("json", "reverse", "base"))
+    text = recipe_from_controls([json_model, reverse_model], base, "ties",
+                                {f"{json_model}/weight": 0.7, f"{json_model}/density": 0.4,
+                                 f"{reverse_model}/weight": 0.3, f"{reverse_model}/density": 0.6,
+                                 "normalize": True, "lambda": 1.0})
+    config = MergeConfig.from_yaml(text)
+    assert config.merge_method == "ties" and config.base_model == base
+    assert config.models[0].parameters == {"weight": 0.7, "density": 0.4}
+
+
+def test_recipe_from_controls_gives_the_base_a_weight_when_it_is_an_input(demo_family):
+    from merging import plan_stages
+    from ui.builder import recipe_from_controls
+
+    json_model, base = str(demo_family["json"]), str(demo_family["base"])
+    text = recipe_from_controls([json_model], base, "linear",
+                                {f"{base}/weight": 0.5, f"{json_model}/weight": 0.5, "normalize": True})
+    assert f"model: {base}" in text
+    assert plan_stages(text)[0].method.name == "linear"  # every input has its weight

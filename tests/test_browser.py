@@ -44,3 +44,23 @@ def test_merge_ask_and_see_the_weights_in_chromium(server, page, tmp_path):
     page.get_by_role("button", name="Show diagnostics").click()
     page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
     page.screenshot(path=str(shots / "app-lab.png"), full_page=True)
+
+
+def test_build_a_recipe_and_shape_t_per_layer_in_chromium(server, page, tmp_path):
+    shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
+    page.goto(server)
+    page.get_by_text("Build a recipe: models, base, method and parameters").click()
+    page.get_by_label("method").click()
+    page.get_by_role("option", name="linear: weighted average of the models (model soup)").click()
+    page.get_by_text("weight of smollm2-json").first.wait_for(timeout=30_000)  # generated controls
+    page.get_by_role("button", name="Write the recipe").click()
+    page.get_by_text("merge_method: linear").wait_for(timeout=30_000)
+    page.screenshot(path=str(shots / "app-build-recipe.png"), full_page=True)
+
+    page.goto(server)  # back to the slerp recipe
+    page.get_by_text("Per-layer t: control points for attention, MLP and the rest").click()
+    page.get_by_label("preset").click()
+    page.get_by_role("option", name="LazyMergekit gradient").click()
+    page.get_by_text("filter: self_attn").wait_for(timeout=30_000)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(shots / "app-per-layer.png"), full_page=True)

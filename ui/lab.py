@@ -16,6 +16,7 @@ from merging.evaluate import with_parameter
 from merging.generation import Sampling, stream
 
 from . import layers
+from .builder import build_builder
 from .recipe_panel import is_public_deployment, refuse_local_paths
 from .session import PARENTS, SESSIONS
 
@@ -216,6 +217,7 @@ def build_lab(family: Optional[dict]) -> None:
             t = gr.Slider(0, 1, value=0.5, step=0.05, label="t (0 = base model A, 1 = model B)")
             merge = gr.Button("Merge", variant="primary")
             status = gr.Markdown("Press **Merge** to build the merged model.")
+    build_builder(recipe, family)
     t.release(set_t, inputs=[recipe, t], outputs=recipe, api_name="set_t")
     merge.click(merge_recipe, inputs=recipe, outputs=status, api_name="merge", concurrency_limit=1)
 

@@ -1,0 +1,128 @@
+"""Building a recipe without writing YAML: pick models and a base, check that they can merge,
+pick a method (each with its one-line explanation) and set its declared parameters with
+controls generated from the method registry, within their valid ranges."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import gradio as gr
+
+from merging import METHODS, MergeConfig, MergeError, get_method
+from merging.checkpoint import Checkpoint
+from merging.config import InputModel
+
+from .recipe_panel import is_public_deployment, refuse_local_paths
+
+METHOD_CHOICES = [(f"{name}: {method.summary}", name) for name, method in sorted(METHODS.items())]
+COMPARED = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
+
+
+def compatibility(models: list[str], base: Optional[str]) -> str:
+    """A table of each model's architecture facts and whether it can merge with the base."""
+    names = list(dict.fromkeys(([base] if base else []) + list(models or [])))
+    if len(names) < 2:
+        raise gr.Error("pick at least two models (or one and a base)")
+    rows, reference = [], None
+    for name in names:
+        try:
+            if is_public_deployment():
+                refuse_local_paths(MergeConfig("passthrough", models=[InputModel(name)]))
+            config = Checkpoint.open(name, download_weights=False).config
+        except MergeError as error:
+            rows.append(f"| `{name}` | | | | | | cannot be read: {error} |")
+            continue
+        facts = [config.get(key) for key in COMPARED]
+        if reference is None:
+            reference, verdict = facts, "reference" + (" (base)" if name == base else "")
+        else:
+            differences = [f"{key} {mine} vs {theirs}" for key, mine, theirs in zip(COMPARED, facts, reference)
+                           if mine != theirs and key != "vocab_size"]
+            verdict = ("cannot merge: " + ", ".join(differences)) if differences else "can merge"
+            if not differences and facts[-1] != reference[-1]:
+                verdict = f"can merge; vocabulary {facts[-1]} vs {reference[-1]} (rows cut to the base's)"
+        rows.append(f"| `{name}` | " + " | ".join(str(f) for f in facts) + f" | {verdict} |")
+    header = "| model | type | layers | hidden | MLP | vocab | verdict |\n|---|---|---|---|---|---|---|\n"
+    return header + "\n".join(rows)
+
+
+def inputs_with_parameters(models: Optional[list[str]], base: Optional[str], method) -> list[str]:
+    """The models that get per-model parameters: all but the base, or, for methods that treat
+    the base as one more input (linear, karcher, passthrough), the base too."""
+    others = [m for m in models or [] if m != base]
+    if method.base == "ignored" and base:
+        return [base] + others
+    return others
+
+
+def recipe_from_controls(models: list[str], base: Optional[str], method_name: str, values: dict) -> str:
+    """YAML for the picked models, base, method and parameter values."""
+    method = get_method(method_name)
+    if method.base != "ignored" and not base:
+        raise gr.Error(f"{method_name} needs a base model")
+    entries = []
+    for model in inputs_with_parameters(models, base, method):
+        parameters = {p.name: values[f"{model}/{p.name}"] for p in method.model_parameters
+                      if values.get(f"{model}/{p.name}") is not None}
+        entries.append(InputModel(model, parameters or None))
+    global_values = {p.name: values[p.name] for p in method.global_parameters if values.get(p.name) is not None}
+    try:
+        config = MergeConfig(method_name, models=entries, base_model=base if method.base != "ignored" else None,
+                             parameters=global_values or None, dtype="float32")
+        config.check()
+    except MergeError as error:
+        raise gr.Error(str(error)) from None
+    return config.to_yaml()
+
+
+def _control(parameter, label: str, key: str):
+    default = None if parameter.required else parameter.default
+    if parameter.kind is bool:
+        return gr.Checkbox(bool(default), label=label, info=parameter.help, key=key)
+    if parameter.kind is str:
+        return gr.Dropdown(list(parameter.choices or [default]), value=default, label=label, info=parameter.help,
+                           key=key)
+    low = parameter.low if parameter.low is not None else 0.0
+    high = parameter.high if parameter.high is not None else max(2.0, (default or 0) * 2 or 1.0)
+    value = default if default is not None else (low + high) / 2 if parameter.name != "weight" else 1.0
+    step = 1 if parameter.kind is int else 0.01
+    return gr.Slider(low, high, value=value, step=step, label=label, info=parameter.help, key=key)
+
+
+def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
+    choices = list(family.values()) if family else []
+    with gr.Accordion("Build a recipe: models, base, method and parameters", open=False):
+        with gr.Row():
+            models = gr.Dropdown(choices, value=choices[1:], multiselect=True, allow_custom_value=True,
+                                 label="models (demo family, a local folder or a hub id: type to add)", scale=3)
+            base = gr.Dropdown(choices, value=choices[0] if choices else None, allow_custom_value=True,
+                               label="base model", scale=2)
+        check = gr.Button("Check compatibility")
+        verdict = gr.Markdown()
+        method = gr.Dropdown(METHOD_CHOICES, value="slerp", label="method")
+
+        @gr.render(inputs=[models, base, method])
+        def parameter_controls(chosen, base_model, method_name):
+            spec = get_method(method_name)
+            controls, keys = [], []
+            with gr.Row():
+                for parameter in spec.global_parameters:
+                    controls.append(_control(parameter, parameter.name, f"{method_name}/{parameter.name}"))
+                    keys.append(parameter.name)
+            for model in inputs_with_parameters(chosen, base_model, spec):
+                if not spec.model_parameters:
+                    break
+                with gr.Row():
+                    for parameter in spec.model_parameters:
+                        label = f"{parameter.name} of {model.rstrip('/').split('/')[-1]}"
+                        controls.append(_control(parameter, label, f"{method_name}/{model}/{parameter.name}"))
+                        keys.append(f"{model}/{parameter.name}")
+
+            def write_recipe(chosen_models, base_choice, method_choice, *values):
+                return recipe_from_controls(chosen_models, base_choice, method_choice, dict(zip(keys, values)))
+
+            write.click(write_recipe, inputs=[models, base, method, *controls], outputs=recipe,
+                        api_name="write_recipe")
+
+        write = gr.Button("Write the recipe", variant="primary")
+    check.click(compatibility, inputs=[models, base], outputs=verdict, api_name="compatibility")
