@@ -66,14 +66,19 @@ def test_lab_merges_answers_beside_its_parents_and_updates_in_place(server, demo
     assert "t: 0.0" in at_zero
     assert "Merged" in client.predict(at_zero, api_name="/merge")
     prompt = "Reverse the words: red lamp quiet"
-    a, b, merged, speed = client.predict(prompt, 24, 0, 0, api_name="/ask")
+    a, b, merged, speed = client.predict(prompt, 24, 0, 0, False, api_name="/ask")
     assert last_answer(merged) == last_answer(a) != last_answer(b)  # t=0 is model A, greedy
     assert "tokens/s" in speed
     at_one = client.predict(recipe, 1.0, api_name="/set_t")
     status = client.predict(at_one, api_name="/merge")
     assert "recomputed 272 of 272 tensors" in status and "rebuilt" not in status
-    a, b, merged, _ = client.predict(prompt, 24, 0, 0, api_name="/ask")
+    a, b, merged, _ = client.predict(prompt, 24, 0, 0, False, api_name="/ask")
     assert last_answer(merged) == last_answer(b) == "quiet lamp red"
+    panes = client.predict(prompt, 24, 0, 0, True, api_name="/ask")
+    assert sorted(last_answer(p) for p in panes[:3]) == sorted(last_answer(p) for p in (a, b, merged))
+    assert "pane 1" in panes[3] and "smollm2" not in panes[3]  # names hidden until the vote
+    revealed = client.predict("pane 2", api_name="/vote")
+    assert "You preferred pane 2" in revealed and "merged" in revealed
 
 
 def test_lab_diagnostics_return_rows_and_a_heatmap(server, demo_family):
@@ -92,7 +97,7 @@ def test_lab_errors_are_readable(server):
 
     client = Client(server, verbose=False)
     with pytest.raises(Exception, match="press Merge first"):
-        client.predict("hello", 8, 0, 0, api_name="/ask")
+        client.predict("hello", 8, 0, 0, False, api_name="/ask")
     with pytest.raises(Exception, match="unknown merge_method"):
         client.predict("models:\n  - model: a/b\nmerge_method: slurp\n", api_name="/merge")
 
@@ -166,3 +171,13 @@ def test_recipe_from_controls_gives_the_base_a_weight_when_it_is_an_input(demo_f
                                 {f"{base}/weight": 0.5, f"{json_model}/weight": 0.5, "normalize": True})
     assert f"model: {base}" in text
     assert plan_stages(text)[0].method.name == "linear"  # every input has its weight
+
+
+def test_memory_estimate_is_shown_before_loading(demo_family):
+    from merging import MergeConfig
+    from ui.lab import LAB_RECIPE, memory_estimate
+
+    config = MergeConfig.from_yaml(LAB_RECIPE.format(**{k: str(v) for k, v in demo_family.items()}))
+    text = memory_estimate(config)
+    assert text.startswith("about 538.1 MB for the merged model")  # 134.5M float32 values
+    assert "538.1 MB of source weights mapped" in text  # two bfloat16 children

@@ -6,6 +6,7 @@ Every handler takes the session from the registry; no model or tensor goes into 
 
 from __future__ import annotations
 
+import random
 from typing import Optional
 
 import gradio as gr
@@ -19,6 +20,12 @@ from . import layers
 from .builder import build_builder
 from .recipe_panel import is_public_deployment, refuse_local_paths
 from .session import PARENTS, SESSIONS
+
+try:  # on a ZeroGPU Space, functions that use the GPU must say so; elsewhere a no-op
+    from spaces import GPU as gpu
+except ImportError:
+    def gpu(function):
+        return function
 
 LAB_RECIPE = """\
 models:
@@ -54,8 +61,23 @@ def set_t(recipe: str, t: float) -> str:
         raise _friendly(error) from None
 
 
-def merge_recipe(recipe: str, request: gr.Request, progress=gr.Progress()) -> str:
-    """Build the session's merged model, or update it in place."""
+def memory_estimate(config: MergeConfig) -> str:
+    """What building the session will hold: the merged model, and each parent for the arena."""
+    from merging.pipeline import plan_stages
+    from merging.plan import TORCH_DTYPES, format_bytes
+
+    plan = plan_stages(config)[0]
+    dtype = TORCH_DTYPES.get(config.out_dtype or config.dtype or "", None)
+    model = sum(t.nbytes // t.out_dtype.itemsize * (dtype.itemsize if dtype else t.out_dtype.itemsize)
+                for t in plan.tasks)
+    sources = sum(info.nbytes for ckpt in plan.checkpoints.values() for info in ckpt.tensors.values())
+    return (f"about {format_bytes(model)} for the merged model, the same again for each of the two parents "
+            f"in the arena, and {format_bytes(sources)} of source weights mapped from disk")
+
+
+@gpu
+def merge_recipe(recipe: str, request: gr.Request, progress=gr.Progress()):
+    """Build the session's merged model (saying first what it will hold), or update it in place."""
     from merging import LiveMerge
 
     try:
@@ -63,12 +85,13 @@ def merge_recipe(recipe: str, request: gr.Request, progress=gr.Progress()) -> st
         session = SESSIONS.get(request.session_hash if request else None)
         with session.lock:
             if session.live is None:
+                yield f"Building: {memory_estimate(config)}."
                 progress(0.1, desc="building the merged model")
                 session.live = LiveMerge(config)
                 stats = session.live.last_stats
             else:
                 stats = session.live.update(config)
-        return f"**Merged.** {stats}"
+        yield f"**Merged.** {stats}"
     except Exception as error:
         raise _friendly(error) from None
 
@@ -85,8 +108,11 @@ def _pane_models(session) -> list[tuple[str, object, object]]:
     return panes
 
 
-def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, request: gr.Request):
-    """Stream the same prompt, seed and sampling to model A, model B and the merge."""
+@gpu
+def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, blind: bool = False,
+        request: gr.Request = None):
+    """Stream the same prompt, seed and sampling to model A, model B and the merge (in a
+    random order of panes, unnamed, when `blind`; vote to reveal)."""
     session = SESSIONS.get(request.session_hash if request else None)
     if session.live is None:
         raise gr.Error("press Merge first: there is no merged model yet")
@@ -97,16 +123,36 @@ def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, request
         panes = _pane_models(session)
     except Exception as error:
         raise _friendly(error) from None
+    order = list(range(len(panes)))
+    if blind:
+        random.Random().shuffle(order)
+        session.blind_order = [panes[i][0] for i in order]
+    else:
+        session.blind_order = None
     histories = [[{"role": "user", "content": prompt}] for _ in panes]
     speeds = ["", "", ""]
-    for index, (label, model, tokenizer) in enumerate(panes):
+    for index, source in enumerate(order):
+        label, model, tokenizer = panes[source]
+        shown = f"pane {index + 1}" if blind else label
         histories[index].append({"role": "assistant", "content": ""})
         for piece in stream(model, tokenizer, prompt, sampling):
             if isinstance(piece, str):
                 histories[index][-1]["content"] += piece
             else:
-                speeds[index] = f"{label}: {piece.new_tokens} tokens, {piece.tokens_per_second:.1f} tokens/s"
+                speeds[index] = f"{shown}: {piece.new_tokens} tokens, {piece.tokens_per_second:.1f} tokens/s"
             yield (*histories, " · ".join(s for s in speeds if s))
+
+
+def vote(choice: str, request: gr.Request = None) -> str:
+    """Reveal which pane was which, after a blind round."""
+    session = SESSIONS.get(request.session_hash if request else None)
+    order = getattr(session, "blind_order", None)
+    if not order:
+        raise gr.Error("ask in blind mode first, then vote")
+    picked = int(choice.split()[-1]) - 1
+    reveal = ", ".join(f"pane {i + 1} was {label}" for i, label in enumerate(order))
+    session.blind_order = None
+    return f"You preferred pane {picked + 1}: **{order[picked]}**. ({reveal})"
 
 
 def clear():
@@ -257,8 +303,17 @@ def build_lab(family: Optional[dict]) -> None:
         max_new_tokens = gr.Slider(1, 256, value=32, step=1, label="max new tokens")
         temperature = gr.Slider(0, 1.5, value=0, step=0.05, label="temperature (0 = greedy)")
         seed = gr.Number(0, precision=0, label="seed")
-    send.click(ask, inputs=[prompt, max_new_tokens, temperature, seed], outputs=[*panes, speed], api_name="ask")
+        blind = gr.Checkbox(False, label="blind: shuffle the panes and hide their names until you vote")
+    with gr.Row():
+        again = gr.Button("Regenerate all")
+        choice = gr.Radio(["pane 1", "pane 2", "pane 3"], label="which answer is best?")
+        vote_button = gr.Button("Vote and reveal")
+    revealed = gr.Markdown()
+    arena_inputs = [prompt, max_new_tokens, temperature, seed, blind]
+    send.click(ask, inputs=arena_inputs, outputs=[*panes, speed], api_name="ask")
+    again.click(ask, inputs=arena_inputs, outputs=[*panes, speed], api_name="regenerate")
     reset.click(clear, outputs=[*panes, speed], api_name="clear")
+    vote_button.click(vote, inputs=choice, outputs=revealed, api_name="vote")
 
     gr.Markdown("### Weights")
     with gr.Row():

@@ -18,6 +18,7 @@ import torch
 class Session:
     live: Optional[object] = None  # merging.LiveMerge
     lock: threading.Lock = field(default_factory=threading.Lock)
+    blind_order: Optional[list] = None  # pane labels of the last blind round, until a vote
 
 
 class SessionRegistry:
