@@ -57,6 +57,12 @@ class FakeHub:
     def handle(self, request: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlparse(request.path).path)
         self.requests.append((request.command, path, request.headers.get("Range", "")))
+        if path == "/api/models":  # search
+            query = dict(part.split("=", 1) for part in urlparse(request.path).query.split("&") if "=" in part)
+            wanted = unquote(query.get("search", "")).lower()
+            payload = [{"id": repo, "modelId": repo, "pipeline_tag": "text-generation"}
+                       for repo in self.repos if wanted in repo.lower()]
+            return self._send(request, 200, json.dumps(payload).encode(), {"Content-Type": "application/json"}, body)
         if path.startswith("/api/models/"):
             return self._repo_info(request, path[len("/api/models/"):], body)
         if "/resolve/" in path:

@@ -87,9 +87,9 @@ def test_lab_diagnostics_return_rows_and_a_heatmap(server, demo_family):
     from ui.lab import LAB_RECIPE
 
     recipe = LAB_RECIPE.format(**{name: str(path) for name, path in demo_family.items()})
-    plot, records = Client(server, verbose=False).predict(recipe, "angle_deg", api_name="/diagnostics")
+    plot, curves, records = Client(server, verbose=False).predict(recipe, "angle_deg", api_name="/diagnostics")
     assert len(records) == 272 and {"layer", "module", "angle_deg", "slerp_fallback"} <= set(records[0])
-    assert plot is not None
+    assert plot is not None and curves is not None
 
 
 def test_lab_errors_are_readable(server):
@@ -181,3 +181,21 @@ def test_memory_estimate_is_shown_before_loading(demo_family):
     text = memory_estimate(config)
     assert text.startswith("about 538.1 MB for the merged model")  # 134.5M float32 values
     assert "538.1 MB of source weights mapped" in text  # two bfloat16 children
+
+
+def test_hub_search_lists_models_and_says_when_offline(tiny, monkeypatch):
+    from fake_hub import FakeHub
+
+    from ui.builder import search_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message, _ = search_hub("tiny")
+    assert message.startswith("the hub is offline here")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with FakeHub({"org/tiny-base": tiny["base"], "org/other": tiny["c1"]}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        message, update = search_hub("tiny")
+    assert message.startswith("1 models") and update["choices"] == ["org/tiny-base"]
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    message, _ = search_hub("tiny")
+    assert message.startswith("cannot reach the Hugging Face hub")

@@ -46,6 +46,31 @@ def compatibility(models: list[str], base: Optional[str]) -> str:
     return header + "\n".join(rows)
 
 
+def search_hub(query: str) -> tuple[str, dict]:
+    """Text-generation models on the hub matching `query`, most downloaded first; says so
+    plainly when the hub is offline or unreachable. Returns (message, dropdown update)."""
+    import os
+
+    from huggingface_hub import HfApi
+
+    from merging.checkpoint import _hub_offline
+
+    if not query or not query.strip():
+        return "type part of a model's name to search the hub", gr.update()
+    if _hub_offline():
+        return ("the hub is offline here (HF_HUB_OFFLINE is set): type a local folder, or a hub id "
+                "that is already in the cache"), gr.update()
+    try:
+        api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+        found = [m.id for m in api.list_models(search=query.strip(), pipeline_tag="text-generation",
+                                               sort="downloads", limit=20)]
+    except Exception as error:  # connection errors come in many types
+        return f"cannot reach the Hugging Face hub ({type(error).__name__}): type a local folder instead", gr.update()
+    if not found:
+        return f"no text-generation model on the hub matches '{query}'", gr.update()
+    return (f"{len(found)} models: pick them in the list above", gr.update(choices=found))
+
+
 def inputs_with_parameters(models: Optional[list[str]], base: Optional[str], method) -> list[str]:
     """The models that get per-model parameters: all but the base, or, for methods that treat
     the base as one more input (linear, karcher, passthrough), the base too."""
@@ -97,6 +122,10 @@ def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
                                  label="models (demo family, a local folder or a hub id: type to add)", scale=3)
             base = gr.Dropdown(choices, value=choices[0] if choices else None, allow_custom_value=True,
                                label="base model", scale=2)
+        with gr.Row():
+            query = gr.Textbox(label="search the hub for text-generation models", scale=4)
+            search = gr.Button("Search", scale=1)
+        found = gr.Markdown()
         check = gr.Button("Check compatibility")
         verdict = gr.Markdown()
         method = gr.Dropdown(METHOD_CHOICES, value="slerp", label="method")
@@ -126,3 +155,4 @@ def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
 
         write = gr.Button("Write the recipe", variant="primary")
     check.click(compatibility, inputs=[models, base], outputs=verdict, api_name="compatibility")
+    search.click(search_hub, inputs=query, outputs=[found, models], api_name="search_hub")

@@ -160,7 +160,9 @@ def clear():
 
 
 def show_diagnostics(recipe: str, metric: str):
-    """A layers x modules heatmap of `metric`, and the records behind it."""
+    """A layers x modules heatmap of `metric`, per-layer curves of it with the merge's exact
+    per-layer t (slerp fallbacks marked x), and the records behind them."""
+    from merging.analysis import layer_curves, parameter_records
     from merging.pipeline import plan_stages
 
     try:
@@ -170,7 +172,9 @@ def show_diagnostics(recipe: str, metric: str):
         raise _friendly(error) from None
     if not records:
         raise gr.Error("this recipe has no tensor with two inputs to compare")
-    return heatmap(records, metric), records
+    name = next((p.name for p in plan.method.global_parameters if p.name == "t"), None)
+    parameters = parameter_records(plan, name) if name else None
+    return heatmap(records, metric), layer_curves(records, metric, parameters, name or ""), records
 
 
 def _layer_count(config: MergeConfig) -> int:
@@ -319,9 +323,11 @@ def build_lab(family: Optional[dict]) -> None:
     with gr.Row():
         metric = gr.Dropdown(list(METRICS), value="angle_deg", label="metric")
         show = gr.Button("Show diagnostics")
-    plot = gr.Plot(label="layers x module types")
+    with gr.Row():
+        plot = gr.Plot(label="layers x module types")
+        curves = gr.Plot(label="per layer, with the merge's t (x: slerp falls back to linear)")
     table = gr.JSON(label="records", visible=False)
-    show.click(show_diagnostics, inputs=[recipe, metric], outputs=[plot, table], api_name="diagnostics")
+    show.click(show_diagnostics, inputs=[recipe, metric], outputs=[plot, curves, table], api_name="diagnostics")
 
     gr.Markdown("### Save")
     with gr.Row():
