@@ -253,6 +253,24 @@ class MergeConfig:
             names.extend(s.model for s in output_slice.sources)
         return list(dict.fromkeys(names))
 
+    def with_models_renamed(self, names: dict[str, str]) -> "MergeConfig":
+        """A copy where every model reference found in `names` is replaced (stage names by
+        the folders the stages were written to, for instance)."""
+        import copy
+
+        changed = copy.deepcopy(self)
+        rename = lambda name: names.get(name, name)  # noqa: E731
+        for model in changed.models or []:
+            model.model = rename(model.model)
+        for output_slice in changed.slices or []:
+            output_slice.base_model = rename(output_slice.base_model) if output_slice.base_model else None
+            for source in output_slice.sources:
+                source.model = rename(source.model)
+        changed.base_model = rename(changed.base_model) if changed.base_model else None
+        if changed.tokenizer_source not in (None, "base", "union"):
+            changed.tokenizer_source = rename(changed.tokenizer_source)
+        return changed
+
     # ---- writing -----------------------------------------------------------------
     def to_dict(self) -> dict:
         data: dict[str, Any] = {}

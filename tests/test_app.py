@@ -199,3 +199,30 @@ def test_hub_search_lists_models_and_says_when_offline(tiny, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     message, _ = search_hub("tiny")
     assert message.startswith("cannot reach the Hugging Face hub")
+
+
+def test_a_multi_stage_recipe_merges_its_earlier_stages_then_the_last_live(server, demo_family):
+    from gradio_client import Client
+
+    paths = {k: str(v) for k, v in demo_family.items()}
+    recipe = (f"name: both\nmodels:\n  - model: {paths['reverse']}\nmerge_method: slerp\n"
+              f"base_model: {paths['json']}\nparameters: {{t: 0.6}}\ndtype: float32\n---\n"
+              f"models:\n  - model: both\nmerge_method: slerp\nbase_model: {paths['base']}\n"
+              "parameters: {t: 1.0}\ndtype: float32\n")
+    client = Client(server, verbose=False)
+    assert "Merged" in client.predict(recipe, api_name="/merge")
+    *_, merged, _ = client.predict("Reverse the words: red lamp quiet", 24, 0, 0, False, api_name="/ask")
+    assert last_answer(merged) == "quiet lamp red"  # t=1.0: exactly the first stage's 0.6 merge
+
+
+def test_leaving_frees_the_session_and_its_stage_folders(tmp_path):
+    from ui.session import SessionRegistry
+
+    registry = SessionRegistry()
+    session = registry.get("abc")
+    session.live = object()
+    session.workdir = str(tmp_path / "stages")
+    (tmp_path / "stages").mkdir()
+    registry.drop("abc")
+    assert len(registry) == 0 and not (tmp_path / "stages").exists()
+    assert registry.get("abc").live is None  # a new visit starts afresh

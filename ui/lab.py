@@ -11,7 +11,7 @@ from typing import Optional
 
 import gradio as gr
 
-from merging import MergeConfig, MergeError, load_config
+from merging import MergeConfig, MergeError, MultiStageConfig, load_config
 from merging.analysis import METRICS, diagnose_plan, heatmap
 from merging.evaluate import with_parameter
 from merging.generation import Sampling, stream
@@ -61,6 +61,25 @@ def set_t(recipe: str, t: float) -> str:
         raise _friendly(error) from None
 
 
+def merge_earlier_stages(config: MultiStageConfig, session) -> MergeConfig:
+    """Write every stage but the last with merge() into the session's folder; the last stage,
+    its stage names replaced by those folders, is what the lab merges live."""
+    import tempfile
+    from pathlib import Path
+
+    from merging import merge
+
+    if session.workdir is None:
+        session.workdir = tempfile.mkdtemp(prefix="mergelab-session-")
+    folders: dict[str, str] = {}
+    ordered = config.order()
+    for stage in ordered[:-1]:
+        target = Path(session.workdir) / stage.name
+        merge(stage.with_models_renamed(folders), target, overwrite=True)
+        folders[stage.name] = str(target)
+    return ordered[-1].with_models_renamed(folders)
+
+
 def memory_estimate(config: MergeConfig) -> str:
     """What building the session will hold: the merged model, and each parent for the arena."""
     from merging.pipeline import plan_stages
@@ -81,8 +100,15 @@ def merge_recipe(recipe: str, request: gr.Request, progress=gr.Progress()):
     from merging import LiveMerge
 
     try:
-        config = _config(recipe)
         session = SESSIONS.get(request.session_hash if request else None)
+        config = load_config(recipe)
+        if isinstance(config, MultiStageConfig):
+            if is_public_deployment():
+                refuse_local_paths(config)
+            yield f"Merging {len(config.stages) - 1} earlier stage(s) to disk first."
+            config = merge_earlier_stages(config, session)
+        else:
+            config = _config(recipe)
         with session.lock:
             if session.live is None:
                 yield f"Building: {memory_estimate(config)}."

@@ -19,6 +19,7 @@ class Session:
     live: Optional[object] = None  # merging.LiveMerge
     lock: threading.Lock = field(default_factory=threading.Lock)
     blind_order: Optional[list] = None  # pane labels of the last blind round, until a vote
+    workdir: Optional[str] = None  # earlier stages of a multi-stage recipe, written to disk
 
 
 class SessionRegistry:
@@ -32,8 +33,13 @@ class SessionRegistry:
             return self._sessions.setdefault(key, Session())
 
     def drop(self, session_hash: Optional[str]) -> None:
+        """Forget a session: its merged model goes, and so do its stage folders on disk."""
+        import shutil
+
         with self._lock:
-            self._sessions.pop(session_hash or "local", None)
+            session = self._sessions.pop(session_hash or "local", None)
+        if session is not None and session.workdir:
+            shutil.rmtree(session.workdir, ignore_errors=True)
 
     def __len__(self) -> int:
         return len(self._sessions)
