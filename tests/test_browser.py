@@ -64,3 +64,20 @@ def test_build_a_recipe_and_shape_t_per_layer_in_chromium(server, page, tmp_path
     page.get_by_text("filter: self_attn").wait_for(timeout=30_000)
     page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
     page.screenshot(path=str(shots / "app-per-layer.png"), full_page=True)
+
+
+def test_expert_sliders_one_per_layer_in_chromium(server, page, tmp_path):
+    shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
+    page.goto(server)
+    page.get_by_text("Per-layer t: control points for attention, MLP and the rest").click()
+    page.get_by_text("Expert: one slider per layer").click()
+    page.get_by_role("button", name="Show one slider per layer").click()
+    page.get_by_text("layer 29").wait_for(timeout=30_000)  # 30 layers, 30 sliders
+    number = page.get_by_label("number input for layer 7")
+    number.fill("0.9")
+    number.press("Enter")
+    page.get_by_role("button", name="Use these values").click()
+    page.get_by_text("filter: self_attn").wait_for(timeout=30_000)
+    recipe = page.locator(".cm-content").first.inner_text()
+    assert "0.9" in recipe
+    page.screenshot(path=str(shots / "app-expert-sliders.png"), full_page=True)

@@ -314,6 +314,35 @@ def build_lab(family: Optional[dict]) -> None:
             amount = gr.Number(1.0, label="amount")
             edit = gr.Button("Apply to the range")
         curve = gr.Plot(label="the exact t per layer the merge will use")
+        with gr.Accordion("Expert: one slider per layer", open=False):
+            with gr.Row():
+                expert_module = gr.Dropdown(["attention", "MLP", "other"], value="attention", label="module type")
+                expert_show = gr.Button("Show one slider per layer")
+                expert_use = gr.Button("Use these values", variant="primary")
+
+            @gr.render(inputs=[recipe, attention, mlp, other, expert_module], triggers=[expert_show.click])
+            def per_layer_sliders(recipe_text, attention_text, mlp_text, other_text, module_name):
+                try:
+                    count = _layer_count(_config(recipe_text))
+                    texts = {"attention": attention_text, "MLP": mlp_text, "other": other_text}
+                    values = layers.expand(layers.parse_points(texts[module_name], module_name), count)
+                except Exception as error:
+                    raise _friendly(error) from None
+                sliders = []
+                with gr.Row(equal_height=False):
+                    for layer, value in enumerate(values):
+                        sliders.append(gr.Slider(0, 1, value=round(value, 4), step=0.01, label=f"layer {layer}",
+                                                 min_width=120, interactive=True,
+                                                 key=f"expert-{module_name}-{layer}"))
+
+                def use_values(recipe_now, attention_now, mlp_now, other_now, *slider_values):
+                    texts = {"attention": attention_now, "MLP": mlp_now, "other": other_now}
+                    texts[module_name] = layers.format_points([float(v) for v in slider_values])
+                    new_recipe, figure = set_layers(recipe_now, texts["attention"], texts["MLP"], texts["other"])
+                    return texts["attention"], texts["MLP"], texts["other"], new_recipe, figure
+
+                expert_use.click(use_values, inputs=[recipe, attention, mlp, other, *sliders],
+                                 outputs=[attention, mlp, other, recipe, curve], api_name="use_layer_sliders")
     preset.input(use_preset, inputs=preset, outputs=[attention, mlp, other], api_name="preset").then(
         set_layers, inputs=[recipe, attention, mlp, other], outputs=[recipe, curve])
     apply.click(set_layers, inputs=[recipe, attention, mlp, other], outputs=[recipe, curve], api_name="set_layers")
