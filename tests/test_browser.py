@@ -34,13 +34,18 @@ def test_merge_ask_and_see_the_weights_in_chromium(server, page, tmp_path):
     shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     page.goto(server)
+    t = page.get_by_label("number input for t (0 = base model A, 1 = model B)")
+    t.fill("0")
+    t.press("Enter")
+    page.get_by_text("t: 0.0").wait_for(timeout=30_000)  # the slider rewrote the recipe
     page.get_by_role("button", name="Merge", exact=True).click()
     page.get_by_text("Merged.").wait_for(timeout=120_000)
     page.get_by_role("button", name="Ask all three").click()
     bubbles = page.locator(".message-wrap .bot")
     page.wait_for_function("document.querySelectorAll('.message-wrap .bot').length >= 3", timeout=120_000)
-    page.get_by_text("tokens/s").first.wait_for(timeout=120_000)
-    assert bubbles.count() >= 3 and all(bubbles.nth(i).inner_text().strip() for i in range(3))
+    page.get_by_text("merged: ").first.wait_for(timeout=120_000)  # the last pane has finished
+    answers = [bubbles.nth(i).inner_text().strip() for i in range(3)]
+    assert all(answers) and answers[2] == answers[0]  # at t=0 the merge answers as model A
     page.get_by_role("button", name="Show diagnostics").click()
     page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
     page.screenshot(path=str(shots / "app-lab.png"), full_page=True)

@@ -294,7 +294,7 @@ def build_lab(family: Optional[dict]) -> None:
             merge = gr.Button("Merge", variant="primary")
             status = gr.Markdown("Press **Merge** to build the merged model.")
     build_builder(recipe, family)
-    t.release(set_t, inputs=[recipe, t], outputs=recipe, api_name="set_t")
+    t.input(set_t, inputs=[recipe, t], outputs=recipe, api_name="set_t")
     merge.click(merge_recipe, inputs=recipe, outputs=status, api_name="merge", concurrency_limit=1)
 
     with gr.Accordion("Per-layer t: control points for attention, MLP and the rest", open=False):
