@@ -82,10 +82,11 @@ class LiveMerge:
     """
 
     def __init__(self, config, device: str = "auto", *, dtype: Optional[str] = None, seed: int = 0,
-                 cache_budget_bytes: int = 1 << 30):
+                 cache_budget_bytes: int = 1 << 30, trust_remote_code: bool = False):
         self.device = resolve_device(device)
         self.seed = seed
         self.requested_dtype = dtype
+        self.trust_remote_code = trust_remote_code
         self.statistics_cache: dict = {}
         self.tensor_cache = TensorCache(cache_budget_bytes)
         self.scratch = Scratch(self.device)
@@ -145,12 +146,22 @@ class LiveMerge:
 
         values = dict(plan.out_config)
         model_type = values.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise MergeError(f"transformers does not know model type '{model_type}'")
-        model_config = CONFIG_MAPPING[model_type].from_dict(values)
+        if model_type in CONFIG_MAPPING:
+            model_config = CONFIG_MAPPING[model_type].from_dict(values)
+        elif self.trust_remote_code:  # the architecture's code comes from the base model's folder
+            from transformers import AutoConfig
+
+            reference = plan.checkpoints[plan.config.base_model or plan.config.referenced_models()[0]].folder
+            model_config = AutoConfig.from_pretrained(reference, trust_remote_code=True)
+            for key, value in values.items():
+                setattr(model_config, key, value)
+        else:
+            raise MergeError(f"transformers has no built-in model type '{model_type}'; running the "
+                             "model's own code needs trust_remote_code, which is off")
         dtype = self._model_dtype(plan)
         with no_init_weights():  # every weight is about to be written by the merge
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
+                                                     trust_remote_code=self.trust_remote_code)
         return model.to(self.device)
 
     def _tokenizer(self, plan: MergePlan):
@@ -159,7 +170,7 @@ class LiveMerge:
         donor = plan.checkpoints[plan.tokenizer_donor].folder if plan.tokenizer_donor else None
         if donor is None:
             return None
-        tokenizer = AutoTokenizer.from_pretrained(donor)
+        tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=self.trust_remote_code)
         if plan.config.chat_template:
             folders = [plan.checkpoints[m].folder for m in plan.config.referenced_models()]
             template = resolve_chat_template(plan.config.chat_template, folders)

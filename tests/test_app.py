@@ -226,3 +226,16 @@ def test_leaving_frees_the_session_and_its_stage_folders(tmp_path):
     registry.drop("abc")
     assert len(registry) == 0 and not (tmp_path / "stages").exists()
     assert registry.get("abc").live is None  # a new visit starts afresh
+
+
+def test_public_deployments_never_trust_remote_code(demo_cache, demo_family, monkeypatch):
+    from ui.lab import LAB_RECIPE, merge_recipe
+    from ui.session import SESSIONS
+
+    monkeypatch.setenv("MERGELAB_PUBLIC", "1")
+    monkeypatch.setenv("MERGELAB_CACHE", str(demo_cache))
+    recipe = LAB_RECIPE.format(**{k: str(v) for k, v in demo_family.items()})
+    messages = list(merge_recipe(recipe, True, None, progress=lambda *a, **k: None))
+    assert messages[0].startswith("Building: about") and messages[-1].startswith("**Merged.**")
+    assert SESSIONS.get(None).live.trust_remote_code is False
+    SESSIONS.drop(None)

@@ -186,3 +186,18 @@ def test_generate_many_gives_every_model_the_same_prompt_seed_and_settings(tiny)
                             "the dog", sampling)
     assert answers["a"].text == answers["a again"].text  # same seed: same draws
     assert set(answers) == {"a", "a again", "b"} and all(1 <= g.new_tokens <= 6 for g in answers.values())
+
+
+def test_an_unknown_architecture_needs_trust_remote_code(tiny, tmp_path):
+    import json
+    import shutil
+
+    from merging import MergeError
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny["c1"], custom)
+    config = json.loads((custom / "config.json").read_text())
+    config["model_type"] = "mergelab-custom"
+    (custom / "config.json").write_text(json.dumps(config))
+    text = f"models:\n  - model: {custom}\nmerge_method: passthrough\n"
+    with pytest.raises(MergeError, match="needs trust_remote_code, which is off"):
+        LiveMerge(text, device="cpu")

@@ -95,10 +95,14 @@ def memory_estimate(config: MergeConfig) -> str:
 
 
 @gpu
-def merge_recipe(recipe: str, request: gr.Request, progress=gr.Progress()):
-    """Build the session's merged model (saying first what it will hold), or update it in place."""
+def merge_recipe(recipe: str, trust_remote_code: bool = False, request: gr.Request = None,
+                 progress=gr.Progress()):
+    """Build the session's merged model (saying first what it will hold), or update it in place.
+    `trust_remote_code` lets models with their own architecture code run it (never on a
+    public deployment)."""
     from merging import LiveMerge
 
+    trust_remote_code = bool(trust_remote_code) and not is_public_deployment()
     try:
         session = SESSIONS.get(request.session_hash if request else None)
         config = load_config(recipe)
@@ -110,10 +114,12 @@ def merge_recipe(recipe: str, request: gr.Request, progress=gr.Progress()):
         else:
             config = _config(recipe)
         with session.lock:
+            if session.live is not None and session.live.trust_remote_code != trust_remote_code:
+                session.live = None  # a different trust setting: build afresh
             if session.live is None:
                 yield f"Building: {memory_estimate(config)}."
                 progress(0.1, desc="building the merged model")
-                session.live = LiveMerge(config)
+                session.live = LiveMerge(config, trust_remote_code=trust_remote_code)
                 stats = session.live.last_stats
             else:
                 stats = session.live.update(config)
@@ -128,7 +134,7 @@ def _pane_models(session) -> list[tuple[str, object, object]]:
     dtype = next(live.model.parameters()).dtype
     panes = []
     for label, name in zip(("A", "B"), names[:2]):
-        model, tokenizer = PARENTS.get(name, dtype)
+        model, tokenizer = PARENTS.get(name, dtype, live.trust_remote_code)
         panes.append((f"{label}: {name}", model, tokenizer))
     panes.append(("merged", live.model, live.tokenizer))
     return panes
@@ -293,9 +299,11 @@ def build_lab(family: Optional[dict]) -> None:
             t = gr.Slider(0, 1, value=0.5, step=0.05, label="t (0 = base model A, 1 = model B)")
             merge = gr.Button("Merge", variant="primary")
             status = gr.Markdown("Press **Merge** to build the merged model.")
+            trust = gr.Checkbox(False, label="trust remote code: run the model repos' own Python "
+                                "(only for architectures transformers lacks)", visible=not is_public_deployment())
     build_builder(recipe, family)
     t.input(set_t, inputs=[recipe, t], outputs=recipe, api_name="set_t")
-    merge.click(merge_recipe, inputs=recipe, outputs=status, api_name="merge", concurrency_limit=1)
+    merge.click(merge_recipe, inputs=[recipe, trust], outputs=status, api_name="merge", concurrency_limit=1)
 
     with gr.Accordion("Per-layer t: control points for attention, MLP and the rest", open=False):
         with gr.Row():

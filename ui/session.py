@@ -53,17 +53,17 @@ class SharedModels:
         self._models: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
 
-    def get(self, folder: str, dtype: torch.dtype):
+    def get(self, folder: str, dtype: torch.dtype, trust_remote_code: bool = False):
         from merging.checkpoint import Checkpoint
         from merging.generation import load_model
 
-        key = (folder, str(dtype))
+        key = (folder, str(dtype), trust_remote_code)
         with self._lock:
             if key not in self._models:
                 checkpoint = Checkpoint.open(folder)  # hub ids resolve to their cached snapshot
                 if len(self._models) >= self.limit:
                     self._models.pop(next(iter(self._models)))
-                self._models[key] = load_model(checkpoint.folder, dtype=dtype)
+                self._models[key] = load_model(checkpoint.folder, dtype=dtype, trust_remote_code=trust_remote_code)
             return self._models[key]
 
 
