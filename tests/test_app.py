@@ -239,3 +239,10 @@ def test_public_deployments_never_trust_remote_code(demo_cache, demo_family, mon
     assert messages[0].startswith("Building: about") and messages[-1].startswith("**Merged.**")
     assert SESSIONS.get(None).live.trust_remote_code is False
     SESSIONS.drop(None)
+
+
+def test_slerp_t_is_labelled_with_the_models_names():
+    from ui.builder import _label
+
+    assert _label("t", "slerp", ["/m/json", "/m/reverse"], "/m/json") == "t (0 = json, 1 = reverse)"
+    assert _label("density", "ties", ["a"], "b") == "density"

@@ -116,6 +116,18 @@ def recipe_from_controls(models: list[str], base: Optional[str], method_name: st
     return config.to_yaml()
 
 
+def _short(name: Optional[str]) -> str:
+    return (name or "?").rstrip("/").split("/")[-1]
+
+
+def _label(parameter: str, method: str, models: Optional[list[str]], base: Optional[str]) -> str:
+    """slerp's and nearswap's t say which model each end is."""
+    others = [m for m in models or [] if m != base]
+    if parameter == "t" and method == "slerp":
+        return f"t (0 = {_short(base)}, 1 = {_short(others[0] if others else None)})"
+    return parameter
+
+
 def _control(parameter, label: str, key: str):
     default = None if parameter.required else parameter.default
     if parameter.kind is bool:
@@ -152,7 +164,8 @@ def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
             controls, keys = [], []
             with gr.Row():
                 for parameter in spec.global_parameters:
-                    controls.append(_control(parameter, parameter.name, f"{method_name}/{parameter.name}"))
+                    controls.append(_control(parameter, _label(parameter.name, method_name, chosen, base_model),
+                                             f"{method_name}/{parameter.name}"))
                     keys.append(parameter.name)
             for model in inputs_with_parameters(chosen, base_model, spec):
                 if not spec.model_parameters:
