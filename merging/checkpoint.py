@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from .architecture import layer_count, split_layer_name
 from .errors import MergeError
 
 SAFETENSORS_DTYPES = {
@@ -204,13 +205,11 @@ class Checkpoint:
     # ---- facts --------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
-        from .architecture import layer_count
         return layer_count(self)
 
     def layer_tensors(self, index: int) -> list[str]:
         """Names of layer `index`'s tensors, in stored order (grouped once, then looked up)."""
         if self._layers is None:
-            from .architecture import split_layer_name
             self._layers = {}
             for name in self.tensors:
                 parts = split_layer_name(name)

@@ -200,6 +200,7 @@ def train_adapter(skill: str, base: Path, out: Path, steps: int = 80, batch_size
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .demo_skills import training_examples
+    from .generation import pad_batch, pad_id
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -210,19 +211,13 @@ def train_adapter(skill: str, base: Path, out: Path, steps: int = 80, batch_size
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
     examples = [encode_example(tokenizer, *pair) for pair in training_examples(skill, steps * batch_size, seed)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     started = time.perf_counter()
     model.train()
     for step in range(steps):
         batch = examples[step * batch_size:(step + 1) * batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), pad)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (sequence, target) in enumerate(batch):
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            labels[row, :len(target)] = torch.tensor(target)
-            mask[row, :len(sequence)] = 1
+        ids, mask = pad_batch([sequence for sequence, _ in batch], pad)
+        labels, _ = pad_batch([target for _, target in batch], -100)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()

@@ -24,18 +24,14 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_
     """Token-weighted perplexity of `model` on `texts`, batched with right padding."""
     if not texts:
         raise MergeError("perplexity needs at least one text")
+    from .generation import pad_batch, pad_id
+
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
         encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
                    for text in texts[start:start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, sequence in enumerate(encoded):
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            mask[row, :len(sequence)] = 1
+        ids, mask = pad_batch(encoded, pad_id(tokenizer))
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets, counted = ids[:, 1:], mask[:, 1:].bool()
@@ -63,21 +59,17 @@ def probe_results(model, tokenizer, probes: Iterable[Probe], max_new_tokens: Opt
                   batch_size: int = 16) -> list[dict]:
     """Greedy answers to each probe (batched, left-padded), and whether each matches
     exactly after normalizing."""
-    from .generation import chat_inputs
+    from .generation import chat_inputs, pad_batch, pad_id
 
     probes = list(probes)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rows = []
     for start in range(0, len(probes), batch_size):
         chunk = probes[start:start + batch_size]
         encoded = [chat_inputs(tokenizer, probe.prompt, "cpu")["input_ids"][0] for probe in chunk]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, sequence in enumerate(encoded):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(sequence):] = sequence
-            mask[row, width - len(sequence):] = 1
+        ids, mask = pad_batch(encoded, pad, left=True)
+        width = ids.shape[1]
         budget = max_new_tokens or max(len(tokenizer(p.answer)["input_ids"]) for p in chunk) + 8
         output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)

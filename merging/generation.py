@@ -42,14 +42,31 @@ class Sampling:
 
     def generate_kwargs(self, tokenizer) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
-                  "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                  else tokenizer.eos_token_id}
+                  "pad_token_id": pad_id(tokenizer)}
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p,
                           top_k=self.top_k or None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+def pad_id(tokenizer) -> int:
+    """The id that fills padding: the pad token, or end-of-sequence when there is none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_batch(sequences, value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences as one (batch, width) tensor filled with `value`, and its attention mask.
+    Left padding makes every prompt end where generation starts."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        ids[row, span] = torch.as_tensor(sequence, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
 
 
 def chat_inputs(tokenizer, messages: Messages, device) -> dict:

@@ -232,9 +232,6 @@ class LiveMerge:
         sums = sum(t.numel() * t.element_size() for t in self.statistics_cache.values())
         return sums + self.tensor_cache.bytes
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
     # ---- generating ----------------------------------------------------------------
     def generate(self, messages, sampling=None, **overrides):
         """The merged model's answer (see merging.generation.generate)."""

@@ -116,7 +116,7 @@ def recipe_from_controls(models: list[str], base: Optional[str], method_name: st
     return config.to_yaml()
 
 
-def _short(name: Optional[str]) -> str:
+def short_name(name: Optional[str]) -> str:
     return (name or "?").rstrip("/").split("/")[-1]
 
 
@@ -124,7 +124,7 @@ def _label(parameter: str, method: str, models: Optional[list[str]], base: Optio
     """slerp's and nearswap's t say which model each end is."""
     others = [m for m in models or [] if m != base]
     if parameter == "t" and method == "slerp":
-        return f"t (0 = {_short(base)}, 1 = {_short(others[0] if others else None)})"
+        return f"t (0 = {short_name(base)}, 1 = {short_name(others[0] if others else None)})"
     return parameter
 
 
@@ -172,7 +172,7 @@ def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
                     break
                 with gr.Row():
                     for parameter in spec.model_parameters:
-                        label = f"{parameter.name} of {model.rstrip('/').split('/')[-1]}"
+                        label = f"{parameter.name} of {short_name(model)}"
                         controls.append(_control(parameter, label, f"{method_name}/{model}/{parameter.name}"))
                         keys.append(f"{model}/{parameter.name}")
 

@@ -17,7 +17,7 @@ from merging.evaluate import with_parameter
 from merging.generation import Sampling, stream
 
 from . import layers
-from .builder import build_builder
+from .builder import build_builder, short_name
 from .recipe_panel import is_public_deployment, refuse_local_paths
 from .session import PARENTS, SESSIONS
 
@@ -216,7 +216,7 @@ def _layer_count(config: MergeConfig) -> int:
 
 
 def _names(config: MergeConfig) -> tuple[str, str]:
-    names = [n.rstrip("/").split("/")[-1] for n in config.referenced_models()]
+    names = [short_name(n) for n in config.referenced_models()]
     return (names + ["model A", "model B"])[0], (names[1:] + ["model B"])[0]
 
 
@@ -224,12 +224,18 @@ def set_layers(recipe: str, attention: str, mlp: str, other: str):
     """Write the per-layer control points into the recipe as a filter list; show the values."""
     try:
         config = _config(recipe)
-        points = [layers.parse_points(text, label) for text, label in
-                  ((attention, "attention"), (mlp, "MLP"), (other, "other"))]
-        changed = layers.with_layer_points(config, "t", *points)
-        return changed.to_yaml(), layers.values_figure(*points, _layer_count(changed), _names(changed))
+        return _write_points(config, attention, mlp, other, _layer_count(config))
     except Exception as error:
         raise _friendly(error) from None
+
+
+def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, count: int):
+    """The recipe with these control points for t, and the per-layer values they give
+    (setting t never changes the layer count, so the caller's count serves)."""
+    points = [layers.parse_points(text, label) for text, label in
+              ((attention, "attention"), (mlp, "MLP"), (other, "other"))]
+    changed = layers.with_layer_points(config, "t", *points)
+    return changed.to_yaml(), layers.values_figure(*points, count, _names(changed))
 
 
 def read_layers(recipe: str):
@@ -257,10 +263,8 @@ def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, 
         points = layers.parse_points(texts[module], module)
         texts[module] = layers.format_points(
             layers.edit_range(layers.expand(points, count), operation, int(first), int(last), float(amount)))
-        changed_recipe, figure = set_layers(recipe, texts["attention"], texts["MLP"], texts["other"])
+        changed_recipe, figure = _write_points(config, texts["attention"], texts["MLP"], texts["other"], count)
         return texts["attention"], texts["MLP"], texts["other"], changed_recipe, figure
-    except gr.Error:
-        raise
     except Exception as error:
         raise _friendly(error) from None
 
@@ -346,7 +350,11 @@ def build_lab(family: Optional[dict]) -> None:
                 def use_values(recipe_now, attention_now, mlp_now, other_now, *slider_values):
                     texts = {"attention": attention_now, "MLP": mlp_now, "other": other_now}
                     texts[module_name] = layers.format_points([float(v) for v in slider_values])
-                    new_recipe, figure = set_layers(recipe_now, texts["attention"], texts["MLP"], texts["other"])
+                    try:
+                        new_recipe, figure = _write_points(_config(recipe_now), texts["attention"], texts["MLP"],
+                                                           texts["other"], count)
+                    except Exception as error:
+                        raise _friendly(error) from None
                     return texts["attention"], texts["MLP"], texts["other"], new_recipe, figure
 
                 expert_use.click(use_values, inputs=[recipe, attention, mlp, other, *sliders],
