@@ -7,6 +7,8 @@ import re
 import sys
 import time
 
+from pathlib import Path
+
 from .errors import MergeError
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -28,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m merging",
-        description="Merge models from a mergekit YAML config into a Hugging Face model folder.",
+        description="Merge models from a mergekit YAML config into a Hugging Face model folder. "
+                    "A config with 'experts' (mergekit-moe's format) builds a Mixtral mixture of experts.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="merge methods and their parameters:\n" + describe_methods())
     parser.add_argument("config", help="mergekit YAML config (several documents: a multi-stage merge)")
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check everything and print the plan without merging")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT_DIR if it exists (only once the merge has succeeded)")
+    parser.add_argument("--allow-identical-experts", "--i-understand-this-is-not-useful-without-training",
+                        action="store_true", dest="allow_identical_experts",
+                        help="MoE: let every expert be the same model (only useful before further training)")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
     return parser
 
@@ -66,16 +72,18 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from .config import MultiStageConfig, load_config
+    from .engine import resolve_device
+    from .moe_config import MoEConfig
     from .pipeline import merge, plan_stages
     from .plan import format_bytes
     from .writer import check_output_folder
 
-    from .engine import resolve_device
-
     config = load_config(args.config)
     resolve_device(args.device)
     if not args.dry_run:
-        check_output_folder(__import__("pathlib").Path(args.out_dir), args.overwrite)
+        check_output_folder(Path(args.out_dir), args.overwrite)
+    if isinstance(config, MoEConfig):
+        return run_moe(args, config)
     plans = plan_stages(config)
     for plan in plans:
         if isinstance(config, MultiStageConfig):
@@ -100,6 +108,43 @@ def run(args) -> int:
               overwrite=args.overwrite, plans=plans)
     size = sum(plan.output_bytes for plan in plans[-1:])
     print(f"wrote {args.out_dir} ({format_bytes(size)}) in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    return 0
+
+
+def run_moe(args, config) -> int:
+    """Build a mixture of experts: check, compute the routers, stream the tensors."""
+    from tqdm import tqdm
+
+    from .moe import build_moe, plan_moe
+    from .plan import format_bytes
+
+    plan = plan_moe(config, allow_identical_experts=args.allow_identical_experts)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        print(plan.summary())
+        print(f"dry run: all checks passed; nothing was written to {args.out_dir}")
+        return 0
+    started = time.perf_counter()
+    known = len(plan.warnings)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage, done, total):
+        if stage not in bars:
+            unit = "expert" if stage == "router prompts" else "tensor"
+            bars[stage] = tqdm(total=total, unit=unit, desc=stage, file=sys.stderr, dynamic_ncols=True)
+        bars[stage].update(done - bars[stage].n)
+
+    try:
+        build_moe(config, args.out_dir, device=args.device, seed=args.seed, progress=progress,
+                  out_shard_size=args.out_shard_size, overwrite=args.overwrite, plan=plan)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for warning in plan.warnings[known:]:  # found while building: degenerate routers
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {args.out_dir} ({format_bytes(plan.output_bytes)}) in {time.perf_counter() - started:.1f} s",
           file=sys.stderr)
     return 0
 

@@ -51,7 +51,7 @@ def _parameter_dict(raw: Any, where: str) -> Optional[dict]:
     return {str(k): _numbers_from_strings(v) for k, v in raw.items()}
 
 
-def _model_name(raw: Any, where: str) -> str:
+def model_name(raw: Any, where: str) -> str:
     """A model reference: a local folder, a hub id `org/name[@revision]`, or a stage name."""
     if isinstance(raw, dict) and "model" in raw:  # mergekit's expanded form
         inner = raw["model"]
@@ -115,6 +115,13 @@ class MergeConfig:
             raise MergeError(f"the config is not valid YAML{line}: {getattr(error, 'problem', error)}") from None
         if not documents:
             raise MergeError("the config is empty")
+        if any(map(is_moe_document, documents)):
+            from .moe_config import MoEConfig  # imports this module's helpers: imported here
+
+            if len(documents) > 1:
+                raise MergeError("an MoE config (with 'experts') is one YAML document; build it, then "
+                                 "name its folder in a merge")
+            return MoEConfig.from_dict(documents[0])
         configs = [MergeConfig.from_dict(d, where=_doc_label(i, len(documents)))
                    for i, d in enumerate(documents)]
         if len(configs) == 1:
@@ -155,7 +162,7 @@ class MergeConfig:
             merge_method=method,
             models=models,
             slices=slices,
-            base_model=_model_name(data["base_model"], f" of base_model{where}") if data.get("base_model") else None,
+            base_model=model_name(data["base_model"], f" of base_model{where}") if data.get("base_model") else None,
             parameters=_parameter_dict(data.get("parameters"), where),
             dtype=_dtype(data.get("dtype"), "dtype", where),
             out_dtype=_dtype(data.get("out_dtype"), "out_dtype", where),
@@ -347,9 +354,13 @@ class MultiStageConfig:
 
 
 def load_config(source: Union[str, os.PathLike, MergeConfig, "MultiStageConfig", dict]):
-    """A MergeConfig or MultiStageConfig from YAML text, a path, a dict, or a config."""
-    if isinstance(source, (MergeConfig, MultiStageConfig)):
+    """A MergeConfig, MultiStageConfig or MoEConfig from YAML text, a path, a dict, or a config."""
+    if isinstance(source, (MergeConfig, MultiStageConfig)) or hasattr(source, "experts"):
         return source
+    if is_moe_document(source):
+        from .moe_config import MoEConfig
+
+        return MoEConfig.from_dict(source)
     if isinstance(source, dict):
         return MergeConfig.from_dict(source)
     return MergeConfig.from_yaml(source)
@@ -366,6 +377,11 @@ def _represent_list(dumper, data):
 
 _Dumper.add_representer(list, _represent_list)
 _Dumper.add_representer(tuple, _represent_list)
+
+
+def is_moe_document(data: Any) -> bool:
+    """mergekit-moe configs have `experts`; merge configs never do."""
+    return isinstance(data, dict) and "experts" in data
 
 
 def _read_text(text_or_path: Union[str, os.PathLike]) -> str:
@@ -396,7 +412,7 @@ def _input_model(entry: Any, where: str) -> InputModel:
     extra = set(entry) - {"model", "parameters"}
     if extra:
         raise MergeError(f"unknown key '{sorted(extra)[0]}' in models entry{where}")
-    return InputModel(_model_name(entry["model"], where), _parameter_dict(entry.get("parameters"), where))
+    return InputModel(model_name(entry["model"], where), _parameter_dict(entry.get("parameters"), where))
 
 
 def _output_slice(entry: Any, where: str) -> OutputSlice:
@@ -417,13 +433,13 @@ def _output_slice(entry: Any, where: str) -> OutputSlice:
         start, end = layer_range
         if start < 0 or end <= start:
             raise MergeError(f"layer_range{label} must satisfy 0 <= start < end, got [{start}, {end}]")
-        sources.append(SliceSource(_model_name(source["model"], label), (start, end),
+        sources.append(SliceSource(model_name(source["model"], label), (start, end),
                                    _parameter_dict(source.get("parameters"), label)))
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
     if len(lengths) > 1:
         raise MergeError(f"all sources of a slice must span the same number of layers{where}, "
                          f"got {sorted(lengths)}")
-    base = _model_name(entry["base_model"], where) if entry.get("base_model") else None
+    base = model_name(entry["base_model"], where) if entry.get("base_model") else None
     return OutputSlice(sources, base, _parameter_dict(entry.get("parameters"), where))
 
 
@@ -439,4 +455,4 @@ def _dtype(value: Any, key: str, where: str) -> Optional[str]:
 def _tokenizer_source(value: Any, where: str) -> Optional[str]:
     if value is None:
         return None
-    return _model_name(value, f" of tokenizer_source{where}")
+    return model_name(value, f" of tokenizer_source{where}")

@@ -70,7 +70,8 @@ def write_chat_template(folder: Path, template: str) -> None:
 
 
 def write_model_card(folder: Path, title: str, config_yaml: str, models: list[str], method: str,
-                     base_model: Optional[str], extra: str = "") -> None:
+                     base_model: Optional[str], extra: str = "", config_file: str = "mergekit_config.yml",
+                     command: str = "mergekit-yaml") -> None:
     """README.md with hub front matter, the sources and the exact recipe."""
     hub_models = [m for m in models if "/" in m and not Path(m).expanduser().exists()]
     front = ["---", "library_name: transformers", "tags:", "- merge", "- mergekit", "- mergelab"]
@@ -90,9 +91,9 @@ def write_model_card(folder: Path, title: str, config_yaml: str, models: list[st
     ]
     lines += [f"- `{m}`" + (" (base)" if m == base_model else "") for m in models]
     lines += ["", "## Configuration", "",
-              "The same YAML runs with `python -m merging CONFIG.yml OUT_DIR` or `mergekit-yaml`:",
+              f"The same YAML runs with `python -m merging CONFIG.yml OUT_DIR` or `{command}`:",
               "", "```yaml", config_yaml.rstrip(), "```", ""]
     if extra:
         lines += [extra, ""]
     (folder / "README.md").write_text("\n".join(lines))
-    (folder / "mergekit_config.yml").write_text(config_yaml)
+    (folder / config_file).write_text(config_yaml)
