@@ -244,13 +244,14 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_configs_fail_before_work_with_one_line(case, tiny, tmp_path):
+def test_bad_configs_fail_before_work_with_one_line(case, tiny, tmp_path, capsys):
+    from merging.__main__ import main  # the command line's entry point, in this process for speed
+
     make, expected = BAD[case]
-    result = run_cli(write(tmp_path, make(tmp_path, tiny)), tmp_path / "out")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    assert main([str(write(tmp_path, make(tmp_path, tiny))), str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     message = [line for line in lines if line.startswith("error:")]
-    assert len(message) == 1 and all(not line.startswith("Traceback") for line in lines), result.stderr
+    assert len(message) == 1 and all(not line.startswith("Traceback") for line in lines), lines
     assert expected.format(**{k: tiny.path(k) for k in tiny}) in message[0]
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
