@@ -8,6 +8,7 @@ import gradio as gr
 
 from merging.errors import MergeError
 from ui.lab import build_lab, forget_session
+from ui.moe_panel import build_moe_panel
 from ui.recipe_panel import build_recipe_panel
 
 INTRO = """# MergeLab
@@ -15,7 +16,8 @@ Explore model merges: mergekit-compatible recipes, checked before any heavy work
 Merge, try the merge beside its parents, move t and merge again in place; the same recipe
 merges from the command line with `python -m merging RECIPE.yml OUT_DIR`. The example merges
 the offline demo family: SmolLM2-135M-Instruct fine-tuned to answer in a JSON record, and to
-reverse words.
+reverse words. The *Mixture of experts* tab builds a Mixtral-style MoE from them and shows
+which expert each token goes to.
 """
 
 
@@ -43,6 +45,8 @@ def build_app(family: dict | None = None) -> gr.Blocks:
         gr.Markdown(INTRO)
         with gr.Tab("Lab"):
             build_lab(family)
+        with gr.Tab("Mixture of experts"):
+            build_moe_panel(family)
         with gr.Tab("Check a recipe"):
             build_recipe_panel(family)
         app.unload(forget_session)  # the session's merged model goes when its browser does

@@ -69,3 +69,16 @@ def probes(skill: str, count: int = 30, seed: int = 1000) -> list[Probe]:
     """Held-out probes: unseen names, cities or words, another random stream."""
     rng = random.Random(f"probe-{skill}-{seed}")
     return [Probe(*SKILLS[skill](rng, held_out=True)) for _ in range(count)]
+
+
+def moe_recipe(family: dict, prompts_per_expert: int = 4) -> str:
+    """An MoE of the two skills (mergekit-moe YAML): one expert per child, routed by
+    training prompts of its skill; attention from the reverse child, one expert per token
+    (the best of the variants measured in docs/demo.md)."""
+    import yaml
+
+    experts = [{"source_model": str(family[skill]),
+                "positive_prompts": [prompt for prompt, _ in training_examples(skill, prompts_per_expert, seed=7)]}
+               for skill in ("json", "reverse")]
+    return yaml.safe_dump({"base_model": str(family["reverse"]), "gate_mode": "hidden", "experts_per_token": 1,
+                           "dtype": "bfloat16", "experts": experts}, sort_keys=False, width=100)

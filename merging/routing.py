@@ -142,3 +142,53 @@ def trace_routing(model, input_ids: torch.Tensor) -> RoutingTrace:
     weights = torch.zeros_like(probabilities).scatter(-1, top.indices, top.values)
     weights = weights / weights.sum(-1, keepdim=True)
     return RoutingTrace(weights.cpu(), probabilities.cpu())
+
+
+@dataclass
+class RoutedAnswer:
+    """A generated answer with the routing of every token, prompt and answer."""
+
+    text: str
+    tokens: list[str]  # the answer's tokens, as text
+    prompt_length: int
+    trace: RoutingTrace  # over prompt + answer tokens
+
+    @property
+    def answer_experts(self) -> list[int]:
+        return self.trace.token_experts[self.prompt_length:]
+
+    @property
+    def answer_shares(self) -> torch.Tensor:
+        return self.trace.token_shares[self.prompt_length:]
+
+    @property
+    def last_prompt_token(self) -> torch.Tensor:
+        """(layers, experts): the router's probabilities at the prompt's last token."""
+        return self.trace.probabilities[:, self.prompt_length - 1]
+
+
+@torch.no_grad()
+def generate_routed(model, tokenizer, messages, sampling=None) -> RoutedAnswer:
+    """Generate an answer, then read which experts each token was routed to (one more
+    forward pass over the whole sequence, which sees the same states generation did)."""
+    from .generation import Sampling, chat_inputs
+
+    sampling = sampling or Sampling()
+    device = next(model.parameters()).device
+    inputs = chat_inputs(tokenizer, messages, device)
+    torch.manual_seed(sampling.seed)
+    ids = model.generate(**inputs, **sampling.generate_kwargs(tokenizer))[0]
+    prompt_length = inputs["input_ids"].shape[1]
+    answer = ids[prompt_length:]
+    if len(answer) and answer[-1].item() in _end_ids(tokenizer, model):
+        answer = answer[:-1]  # the end token ends the answer; it is not part of it
+    ids = ids[:prompt_length + len(answer)]
+    tokens = [tokenizer.decode([token]) for token in answer.tolist()]
+    return RoutedAnswer(tokenizer.decode(answer, skip_special_tokens=True), tokens, prompt_length,
+                        trace_routing(model, ids))
+
+
+def _end_ids(tokenizer, model) -> set:
+    ends = model.generation_config.eos_token_id
+    ends = set(ends if isinstance(ends, list) else [ends]) if ends is not None else set()
+    return ends | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())

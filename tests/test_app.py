@@ -246,3 +246,36 @@ def test_slerp_t_is_labelled_with_the_models_names():
 
     assert _label("t", "slerp", ["/m/json", "/m/reverse"], "/m/json") == "t (0 = json, 1 = reverse)"
     assert _label("density", "ties", ["a"], "b") == "density"
+
+
+def test_moe_tab_builds_answers_and_shows_the_routing(server, demo_family):
+    from gradio_client import Client
+
+    from merging import load_config
+    from merging.demo_skills import moe_recipe
+
+    client = Client(server, verbose=False)
+    form = client.predict(moe_recipe(demo_family), api_name="/moe_form")
+    assert form[0] == str(demo_family["reverse"]) and form[4] == str(demo_family["json"])
+    recipe = client.predict(*form, api_name="/moe_recipe")  # the form writes back the same recipe
+    assert load_config(recipe) == load_config(moe_recipe(demo_family))
+    status = client.predict(recipe, api_name="/moe_build")
+    assert "Built" in status and "2 experts, 1 per token" in status
+    history, strip, figure, info = client.predict("Reverse the words: zebra anchor glove", 16, 0, 0,
+                                                  api_name="/moe_ask")
+    assert history[-1]["content"][0]["text"] == "glove anchor zebra"
+    assert strip.count('data-expert="1"') == strip.count("moe-token") > 0  # all to the reverse expert
+    assert "smollm2-reverse 4" in info
+
+
+def test_moe_tab_errors_are_readable(server, demo_family):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)  # a new session: nothing built yet, whatever others built
+    with pytest.raises(Exception, match="press Build first"):
+        client.predict("hello", 8, 0, 0, api_name="/moe_ask")
+    with pytest.raises(Exception, match="needs an 'experts' list"):
+        client.predict(f"models:\n  - model: {demo_family['json']}\nmerge_method: linear\n", api_name="/moe_build")
+    with pytest.raises(Exception, match="has no positive_prompts"):
+        client.predict(str(demo_family["base"]), "hidden", 1, "bfloat16", str(demo_family["json"]), "", "",
+                       str(demo_family["reverse"]), "Reverse the words: a b", "", *[""] * 6, api_name="/moe_recipe")

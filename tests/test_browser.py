@@ -86,3 +86,23 @@ def test_expert_sliders_one_per_layer_in_chromium(server, page, tmp_path):
     recipe = page.locator(".cm-content").first.inner_text()
     assert "0.9" in recipe
     page.screenshot(path=str(shots / "app-expert-sliders.png"), full_page=True)
+
+
+def test_build_a_mixture_of_experts_and_see_its_routing_in_chromium(server, page, tmp_path):
+    shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
+    page.goto(server)
+    page.get_by_role("tab", name="Mixture of experts").click()
+    page.get_by_role("button", name="Build", exact=True).click()
+    page.get_by_text("Built a MixtralForCausalLM").wait_for(timeout=180_000)
+    page.get_by_label("Prompt").last.fill("Reverse the words: zebra anchor glove")
+    page.get_by_role("button", name="Ask", exact=True).click()
+    page.locator(".moe-strip .moe-token").first.wait_for(timeout=120_000)
+    tokens = page.locator(".moe-strip .moe-token")
+    assert "".join(tokens.nth(i).inner_text() for i in range(tokens.count())).strip() == "glove anchor zebra"
+    experts = {tokens.nth(i).get_attribute("data-expert") for i in range(tokens.count())}
+    assert experts == {"1"}  # every token of a reversal goes to the reverse expert
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the router per layer
+    page.get_by_label("Prompt").last.fill("Make a record: Zoe is 44 and lives in Omsk.")
+    page.get_by_role("button", name="Ask", exact=True).click()
+    page.wait_for_function("document.querySelector('.moe-strip').innerText.includes('Omsk')", timeout=120_000)
+    page.screenshot(path=str(shots / "app-moe.png"), full_page=True)

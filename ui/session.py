@@ -19,7 +19,8 @@ class Session:
     live: Optional[object] = None  # merging.LiveMerge
     lock: threading.Lock = field(default_factory=threading.Lock)
     blind_order: Optional[list] = None  # pane labels of the last blind round, until a vote
-    workdir: Optional[str] = None  # earlier stages of a multi-stage recipe, written to disk
+    workdir: Optional[str] = None  # earlier stages of a multi-stage recipe, the MoE: on disk
+    moe: Optional[tuple] = None  # (model, tokenizer, expert names) of the MoE tab
 
 
 class SessionRegistry:
