@@ -46,7 +46,8 @@ if __name__ == "__main__":
     import sys
 
     cache = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.home() / ".cache" / "mergelab" / "bench"
+    children = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     base = build_base(cache)
     print(base)
-    for seed in (1, 2):
+    for seed in range(1, children + 1):
         print(build_child(base, cache, seed=seed))

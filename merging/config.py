@@ -387,7 +387,8 @@ def is_moe_document(data: Any) -> bool:
 def _read_text(text_or_path: Union[str, os.PathLike]) -> str:
     if isinstance(text_or_path, os.PathLike):
         path = Path(text_or_path)
-    elif "\n" not in text_or_path and text_or_path.strip().endswith((".yml", ".yaml")):
+    elif "\n" not in text_or_path and (text_or_path.strip().endswith((".yml", ".yaml", ".json"))
+                                        or Path(text_or_path.strip()).is_file()):
         path = Path(text_or_path)
     else:
         return text_or_path

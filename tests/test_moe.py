@@ -215,8 +215,8 @@ def _qwen(folder: Path) -> str:
 BAD = {
     "too few experts": (lambda t, tiny: moe_yaml(tiny, experts=("c1", "c2"), per_token=3),
                         "experts_per_token is 3 but there are only 2 experts"),
-    "no prompts for hidden": (lambda t, tiny: moe_yaml(tiny).replace("positive_prompts", "positive_promts"),
-                              "unknown key 'positive_promts' in expert (experts[0]) (did you mean 'positive_prompts'?)"),
+    "misspelt key": (lambda t, tiny: moe_yaml(tiny).replace("positive_prompts", "positive_promts"),
+                     "unknown key 'positive_promts' in expert (experts[0]) (did you mean 'positive_prompts'?)"),
     "missing prompts": (lambda t, tiny: yaml.safe_dump({"base_model": tiny.path("base"), "experts": [
         {"source_model": tiny.path("c1"), "positive_prompts": ["the cat"]}, {"source_model": tiny.path("c2")}]}),
         "has no positive_prompts; gate_mode hidden builds its router from them"),

