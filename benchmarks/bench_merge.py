@@ -72,6 +72,36 @@ def run_measured(command: list[str], env: dict) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024
 
 
+def run_alternately(commands: dict, runs: int, work: Path, env: dict) -> dict[str, list[tuple[float, int]]]:
+    """Each command `runs` times, alternating, after one warm-up round each (which fills
+    the page cache and is dropped): (seconds, peak RSS) per run. The last run's output
+    folders, work/<name>-<runs>, are kept for comparison."""
+    results = {name: [] for name in commands}
+    for run in range(runs + 1):
+        for name, command in commands.items():
+            out = work / f"{name}-{run}"
+            elapsed, peak = run_measured(command(out), env)
+            if run > 0:
+                results[name].append((elapsed, peak))
+            if run < runs:
+                shutil.rmtree(out)
+    return results
+
+
+def ratio_table(results: dict, mergekit_command: str) -> str:
+    """Markdown: medians of MergeLab's and mergekit's runs, and their ratios."""
+    def median(name, index):
+        return statistics.median(r[index] for r in results[name])
+
+    ours_time, theirs_time = median("mergelab", 0), median("mergekit", 0)
+    ours_peak, theirs_peak = median("mergelab", 1), median("mergekit", 1)
+    return "\n".join([
+        "| tool | wall time (median) | peak RSS (median) |", "|---|---|---|",
+        f"| MergeLab `python -m merging` | {ours_time:.2f} s | {ours_peak / 2**20:.0f} MiB |",
+        f"| mergekit 0.1.5 {mergekit_command} | {theirs_time:.2f} s | {theirs_peak / 2**20:.0f} MiB |",
+        f"| ratio (MergeLab / mergekit) | {ours_time / theirs_time:.2f} | {ours_peak / theirs_peak:.2f} |"])
+
+
 def compare_outputs(ours: Path, theirs: Path) -> str:
     """How far apart the two outputs are: identical entries, and the largest difference in
     units of one rounding step of the storage dtype at the tensor's largest value."""
@@ -114,35 +144,16 @@ def main() -> None:
         "mergelab": lambda out: [sys.executable, "-m", "merging", str(config), str(out)],
         "mergekit": lambda out: ["mergekit-yaml", str(config), str(out), "--device", "cpu"],
     }
-    results = {name: [] for name in commands}
     try:
-        for run in range(args.runs + 1):  # the first round warms the page cache and is dropped
-            for name, command in commands.items():
-                out = work / f"{name}-{run}"
-                elapsed, peak = run_measured(command(out), env)
-                if run > 0:
-                    results[name].append((elapsed, peak))
-                if run == args.runs:
-                    continue
-                shutil.rmtree(out)
+        results = run_alternately(commands, args.runs, work, env)
         comparison = compare_outputs(work / f"mergelab-{args.runs}", work / f"mergekit-{args.runs}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    def median(name, index):
-        return statistics.median(r[index] for r in results[name])
-
-    ours_time, theirs_time = median("mergelab", 0), median("mergekit", 0)
-    ours_peak, theirs_peak = median("mergelab", 1), median("mergekit", 1)
     from importlib.metadata import version
     print(f"config: {args.config} on SmolLM2-135M (base + rank-8 children), {args.runs} runs each, "
           f"{os.cpu_count()} CPU cores, torch {version('torch')}, mergekit {version('mergekit')}")
     print()
-    print("| tool | wall time (median) | peak RSS (median) |")
-    print("|---|---|---|")
-    print(f"| MergeLab `python -m merging` | {ours_time:.2f} s | {ours_peak / 2**20:.0f} MiB |")
-    print(f"| mergekit 0.1.5 `mergekit-yaml` | {theirs_time:.2f} s | {theirs_peak / 2**20:.0f} MiB |")
-    print(f"| ratio (MergeLab / mergekit) | {ours_time / theirs_time:.2f} | {ours_peak / theirs_peak:.2f} |")
+    print(ratio_table(results, "`mergekit-yaml`"))
     print()
     print(f"outputs: {comparison}")
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_merge import REPO, run_measured  # no torch in this process: see bench_merge.py
+from bench_merge import REPO, ratio_table, run_alternately  # no torch here: see bench_merge.py
 
 PROMPTS = [
     ["Write a Python function that sorts a list", "Fix this bug in my JavaScript code"],
@@ -89,34 +88,16 @@ def main() -> None:
         "mergelab": lambda out: [sys.executable, "-m", "merging", str(config), str(out)],
         "mergekit": lambda out: ["mergekit-moe", str(config), str(out), "--device", "cpu"],
     }
-    results = {name: [] for name in commands}
     try:
-        for run in range(args.runs + 1):  # the first round warms the page cache and is dropped
-            for name, command in commands.items():
-                out = work / f"{name}-{run}"
-                elapsed, peak = run_measured(command(out), env)
-                if run > 0:
-                    results[name].append((elapsed, peak))
-                if run < args.runs:
-                    shutil.rmtree(out)
+        results = run_alternately(commands, args.runs, work, env)
         comparison = compare_outputs(work / f"mergelab-{args.runs}", work / f"mergekit-{args.runs}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    def median(name, index):
-        return statistics.median(r[index] for r in results[name])
-
-    ours_time, theirs_time = median("mergelab", 0), median("mergekit", 0)
-    ours_peak, theirs_peak = median("mergelab", 1), median("mergekit", 1)
     from importlib.metadata import version
     print(f"MoE: 4 SmolLM2-135M experts, 2 per token, gate_mode {args.gate_mode}, bfloat16; {args.runs} runs "
           f"each, {os.cpu_count()} CPU cores, torch {version('torch')}, mergekit {version('mergekit')}")
     print()
-    print("| tool | wall time (median) | peak RSS (median) |")
-    print("|---|---|---|")
-    print(f"| MergeLab `python -m merging` | {ours_time:.2f} s | {ours_peak / 2**20:.0f} MiB |")
-    print(f"| mergekit 0.1.5 `mergekit-moe` | {theirs_time:.2f} s | {theirs_peak / 2**20:.0f} MiB |")
-    print(f"| ratio (MergeLab / mergekit) | {ours_time / theirs_time:.2f} | {ours_peak / theirs_peak:.2f} |")
+    print(ratio_table(results, "`mergekit-moe`"))
     print()
     print(f"outputs: {comparison}")
 

@@ -7,7 +7,6 @@ order. `MergeConfig.from_yaml` returns whichever the text holds.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from . import parameters as params_mod
-from .errors import MergeError
+from .errors import MergeError, did_you_mean
 from .methods import METHODS, get_method
 
 TOP_LEVEL_KEYS = ("name", "merge_method", "base_model", "models", "slices", "parameters",
@@ -136,9 +135,7 @@ class MergeConfig:
         for key in unknown:
             if key == "modules":
                 raise MergeError(f"'modules' configs{where} are not supported; use 'models' or 'slices'")
-            close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise MergeError(f"unknown key '{key}'{where}{hint}")
+            raise MergeError(f"unknown key '{key}'{where}{did_you_mean(key, TOP_LEVEL_KEYS)}")
         if "merge_method" not in data:
             raise MergeError(f"the config{where} has no merge_method")
         method = data["merge_method"]
@@ -189,8 +186,7 @@ class MergeConfig:
                     if name in known_anywhere:
                         self.warnings.append(f"{self.merge_method} ignores parameter '{name}'{label}")
                         continue
-                    close = difflib.get_close_matches(name, [p.name for p in method.parameters], n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    hint = did_you_mean(name, [p.name for p in method.parameters])
                     raise MergeError(f"{self.merge_method} has no parameter '{name}'{label}{where}{hint}")
                 for value in params_mod.leaf_values(setting):
                     if value is None:

@@ -17,13 +17,12 @@ here. Everything that can be checked without model files is checked on reading.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
 
-from .errors import MergeError
+from .errors import MergeError, did_you_mean
 
 GATE_MODES = {
     "hidden": "the base model's hidden state entering each layer at a prompt's last token",
@@ -75,9 +74,7 @@ class MoEConfig:
             raise MergeError(f"the MoE config{where} must be a mapping, got {type(data).__name__}")
         for key in data:
             if key not in TOP_LEVEL_KEYS:
-                close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise MergeError(f"unknown key '{key}' in the MoE config{where}{hint}")
+                raise MergeError(f"unknown key '{key}' in the MoE config{where}{did_you_mean(key, TOP_LEVEL_KEYS)}")
         if not data.get("base_model"):
             raise MergeError(f"the MoE config{where} has no base_model (attention and embeddings come from it)")
         if data.get("shared_experts"):
@@ -88,8 +85,7 @@ class MoEConfig:
             raise MergeError(f"experts{where} must be a non-empty list")
         gate_mode = str(data.get("gate_mode", "hidden"))
         if gate_mode not in GATE_MODES:
-            close = difflib.get_close_matches(gate_mode, GATE_MODES, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (one of {', '.join(GATE_MODES)})"
+            hint = did_you_mean(gate_mode, GATE_MODES) or f" (one of {', '.join(GATE_MODES)})"
             raise MergeError(f"unknown gate_mode '{gate_mode}'{hint}")
         dtype = data.get("dtype")
         if dtype is not None:
@@ -216,9 +212,7 @@ def _expert(entry: Any, where: str) -> Expert:
         raise MergeError(f"each expert{where} needs a source_model")
     for key in entry:
         if key not in EXPERT_KEYS:
-            close = difflib.get_close_matches(str(key), EXPERT_KEYS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise MergeError(f"unknown key '{key}' in expert{where}{hint}")
+            raise MergeError(f"unknown key '{key}' in expert{where}{did_you_mean(key, EXPERT_KEYS)}")
     return Expert(
         source_model=model_name(entry["source_model"], f" of source_model{where}"),
         positive_prompts=_prompts(entry.get("positive_prompts"), "positive_prompts", where),

@@ -18,14 +18,9 @@ from merging.generation import Sampling, stream
 
 from . import layers
 from .builder import build_builder, short_name
+from .common import friendly, gpu, read_recipe
 from .recipe_panel import is_public_deployment, refuse_local_paths
 from .session import PARENTS, SESSIONS
-
-try:  # on a ZeroGPU Space, functions that use the GPU must say so; elsewhere a no-op
-    from spaces import GPU as gpu
-except ImportError:
-    def gpu(function):
-        return function
 
 LAB_RECIPE = """\
 models:
@@ -39,18 +34,8 @@ dtype: float32
 
 
 def _config(recipe: str) -> MergeConfig:
-    config = load_config(recipe)
-    if not isinstance(config, MergeConfig):
-        raise MergeError("the lab merges one recipe at a time; multi-stage files merge from the command line")
-    if is_public_deployment():
-        refuse_local_paths(config)
-    return config
-
-
-def _friendly(error: Exception) -> gr.Error:
-    if isinstance(error, MergeError):
-        return gr.Error(str(error))
-    return gr.Error(f"unexpected error: {type(error).__name__}: {error}")
+    return read_recipe(recipe, MergeConfig,
+                       "the lab merges one recipe at a time; multi-stage files merge from the command line")
 
 
 def set_t(recipe: str, t: float) -> str:
@@ -58,7 +43,7 @@ def set_t(recipe: str, t: float) -> str:
     try:
         return with_parameter(_config(recipe), "t", float(t)).to_yaml()
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
 
 
 def merge_earlier_stages(config: MultiStageConfig, session) -> MergeConfig:
@@ -125,7 +110,7 @@ def merge_recipe(recipe: str, trust_remote_code: bool = False, request: gr.Reque
                 stats = session.live.update(config)
         yield f"**Merged.** {stats}"
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
 
 
 def _pane_models(session) -> list[tuple[str, object, object]]:
@@ -154,7 +139,7 @@ def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, blind: 
     try:
         panes = _pane_models(session)
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
     order = list(range(len(panes)))
     if blind:
         random.Random().shuffle(order)
@@ -201,7 +186,7 @@ def show_diagnostics(recipe: str, metric: str):
         plan = plan_stages(_config(recipe))[0]
         records = diagnose_plan(plan)
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
     if not records:
         raise gr.Error("this recipe has no tensor with two inputs to compare")
     name = next((p.name for p in plan.method.global_parameters if p.name == "t"), None)
@@ -226,7 +211,7 @@ def set_layers(recipe: str, attention: str, mlp: str, other: str):
         config = _config(recipe)
         return _write_points(config, attention, mlp, other, _layer_count(config))
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
 
 
 def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, count: int):
@@ -246,7 +231,7 @@ def read_layers(recipe: str):
         figure = layers.values_figure(*points, _layer_count(config), _names(config))
         return (*[layers.format_points(p) for p in points], figure)
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
 
 
 def use_preset(name: str) -> tuple[str, str, str]:
@@ -266,7 +251,7 @@ def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, 
         changed_recipe, figure = _write_points(config, texts["attention"], texts["MLP"], texts["other"], count)
         return texts["attention"], texts["MLP"], texts["other"], changed_recipe, figure
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
 
 
 def save_merge(recipe: str, folder: str, progress=gr.Progress()) -> str:
@@ -287,7 +272,7 @@ def save_merge(recipe: str, folder: str, progress=gr.Progress()) -> str:
         merge(config, target, progress=lambda done, total, name: progress(done / total, desc=f"merging {name}"))
         return f"**Saved** to `{target}`: weights, config, tokenizer and a model card with the recipe."
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
 
 
 def forget_session(request: gr.Request) -> None:
@@ -339,7 +324,7 @@ def build_lab(family: Optional[dict]) -> None:
                     texts = {"attention": attention_text, "MLP": mlp_text, "other": other_text}
                     values = layers.expand(layers.parse_points(texts[module_name], module_name), count)
                 except Exception as error:
-                    raise _friendly(error) from None
+                    raise friendly(error) from None
                 sliders = []
                 with gr.Row(equal_height=False):
                     for layer, value in enumerate(values):
@@ -354,7 +339,7 @@ def build_lab(family: Optional[dict]) -> None:
                         new_recipe, figure = _write_points(_config(recipe_now), texts["attention"], texts["MLP"],
                                                            texts["other"], count)
                     except Exception as error:
-                        raise _friendly(error) from None
+                        raise friendly(error) from None
                     return texts["attention"], texts["MLP"], texts["other"], new_recipe, figure
 
                 expert_use.click(use_values, inputs=[recipe, attention, mlp, other, *sliders],

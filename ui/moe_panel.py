@@ -15,18 +15,11 @@ from typing import Optional
 import gradio as gr
 import plotly.graph_objects as go
 
-from merging import MergeError, load_config
 from merging.moe_config import GATE_MODES, Expert, MoEConfig
 
 from .builder import short_name
-from .recipe_panel import is_public_deployment, refuse_local_paths
+from .common import friendly, gpu, read_recipe
 from .session import SESSIONS
-
-try:  # on a ZeroGPU Space, functions that use the GPU must say so; elsewhere a no-op
-    from spaces import GPU as gpu
-except ImportError:
-    def gpu(function):
-        return function
 
 MAX_EXPERTS = 4
 COLOURS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D"]
@@ -34,18 +27,7 @@ DTYPES = ["bfloat16", "float16", "float32"]
 
 
 def _moe_config(recipe: str) -> MoEConfig:
-    config = load_config(recipe)
-    if not isinstance(config, MoEConfig):
-        raise MergeError("this tab builds mixtures of experts: the recipe needs an 'experts' list")
-    if is_public_deployment():
-        refuse_local_paths(config)
-    return config
-
-
-def _friendly(error: Exception) -> gr.Error:
-    if isinstance(error, MergeError):
-        return gr.Error(str(error))
-    return gr.Error(f"unexpected error: {type(error).__name__}: {error}")
+    return read_recipe(recipe, MoEConfig, "this tab builds mixtures of experts: the recipe needs an 'experts' list")
 
 
 def _lines(text: Optional[str]) -> list[str]:
@@ -68,7 +50,7 @@ def form_to_recipe(base: str, gate_mode: str, per_token: float, dtype: str, *slo
     try:
         _moe_config(text)  # the same checks as on reading, said now
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
     return text
 
 
@@ -77,7 +59,7 @@ def recipe_to_form(recipe: str) -> list:
     try:
         config = _moe_config(recipe)
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
     if len(config.experts) > MAX_EXPERTS:
         raise gr.Error(f"the form shows {MAX_EXPERTS} experts; this recipe has {len(config.experts)} "
                        "(build it from the recipe as it is)")
@@ -130,7 +112,7 @@ def build(recipe: str, request: gr.Request = None, progress=gr.Progress()):
                f"{config.experts_per_token} per token, {plan.parameter_count / 1e6:.0f} M parameters "
                f"in {seconds:.1f} s.{warnings}")
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
 
 
 def token_strip(tokens: list[str], experts: list[int], shares, names: list[str]) -> str:
@@ -181,7 +163,7 @@ def ask(prompt: str, max_new_tokens: float, temperature: float, seed: float, req
     try:
         answer = generate_routed(model, tokenizer, prompt, sampling)
     except Exception as error:
-        raise _friendly(error) from None
+        raise friendly(error) from None
     seconds = time.perf_counter() - started
     counts = [answer.answer_experts.count(i) for i in range(len(names))]
     summary = ", ".join(f"{names[i]} {count}" for i, count in enumerate(counts))

@@ -1,0 +1,33 @@
+"""What every panel shares: the GPU marker, readable errors, and reading a recipe box."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from merging import MergeError, load_config
+
+from .recipe_panel import is_public_deployment, refuse_local_paths
+
+try:  # on a ZeroGPU Space, functions that use the GPU must say so; elsewhere a no-op
+    from spaces import GPU as gpu
+except ImportError:
+    def gpu(function):
+        return function
+
+
+def friendly(error: Exception) -> gr.Error:
+    """A user's mistake as its own one line; anything else named as unexpected."""
+    if isinstance(error, MergeError):
+        return gr.Error(str(error))
+    return gr.Error(f"unexpected error: {type(error).__name__}: {error}")
+
+
+def read_recipe(recipe: str, kind: type, wrong_kind: str):
+    """The recipe box's config, if it is a `kind` (else `wrong_kind` is the error); on a
+    public deployment, local paths outside the demo cache are refused."""
+    config = load_config(recipe)
+    if not isinstance(config, kind):
+        raise MergeError(wrong_kind)
+    if is_public_deployment():
+        refuse_local_paths(config)
+    return config
