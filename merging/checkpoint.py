@@ -256,8 +256,27 @@ def open_hub_model(reference: str, download_weights: bool = True) -> Checkpoint:
     return Checkpoint.from_folder(folder, reference)
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def hub_reachable(endpoint: str, seconds: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection (huggingface_hub itself would retry
+    for half a minute before saying it cannot)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parts = urlparse(endpoint)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout=seconds).close()
+        return True
+    except OSError:
+        return False
 
 
 def _hub_snapshot(reference: str, repo: str, revision: Optional[str], patterns: list[str],
@@ -265,7 +284,7 @@ def _hub_snapshot(reference: str, repo: str, revision: Optional[str], patterns: 
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
 
-    if not local_only and _hub_offline():
+    if not local_only and hub_offline():
         raise MergeError(f"model '{reference}' is not in the Hugging Face cache and the hub is "
                          "offline (HF_HUB_OFFLINE is set)")
     try:

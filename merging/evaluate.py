@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -94,14 +95,32 @@ def probe_scorer(probes: Sequence[Probe], **kwargs) -> Scorer:
     return lambda model, tokenizer: probe_accuracy(model, tokenizer, probes, **kwargs)
 
 
-def with_parameter(config: MergeConfig, parameter: str, value) -> MergeConfig:
+LAYER_RANGE = re.compile(r"^layers:(\d+)-(\d+)$")
+
+
+def with_parameter(config: MergeConfig, parameter: str, value, layers: Optional[int] = None) -> MergeConfig:
     """A copy of `config` with one parameter set everywhere it applies.
 
     `name` sets a top-level parameter (replacing a gradient or filter list by the value);
-    `name@model` sets it in that model's own parameters (in `models` or slice sources).
+    `name@model` sets it in that model's own parameters (in `models` or slice sources);
+    `name@layers:a-b` sets it on layers a..b (inclusive) for every module type and keeps
+    every other layer's current value (`layers`: the merge's layer count, found from the
+    models when not given).
     """
     name, _, model = parameter.partition("@")
     changed = copy.deepcopy(config)
+    layer_range = LAYER_RANGE.match(model)
+    if layer_range:
+        from .layer_values import edit_range, expand, points_from_config, with_layer_points
+        from .pipeline import plan_stages
+
+        first, last = int(layer_range[1]), int(layer_range[2])
+        count = layers or plan_stages(config)[0].num_layers
+        if (config.parameters or {}).get(name) is None:
+            raise MergeError(f"the recipe sets no top-level '{name}' to change on layers {first}-{last}")
+        per_module = [edit_range(expand(points, count), "set", first, last, float(value), low=None, high=None)
+                      for points in points_from_config(config, name)]
+        return with_layer_points(changed, name, *per_module)
     if not model:
         changed.parameters = {**(changed.parameters or {}), name: value}
         for output_slice in changed.slices or []:  # a slice's own value would shadow it
@@ -124,23 +143,29 @@ def sweep(config, parameter: str, values: Sequence, scorers: dict[str, Scorer], 
     """Score the merge at each value of `parameter` (see `with_parameter`).
 
     The LiveMerge (made here, or `live`) is updated in place from value to value. Returns
-    one row per value: {"value", each scorer's name: score, "update_seconds"}.
+    one row per value: {"value", each scorer's name: score, "update_seconds", "recipe"
+    (the point's YAML)}.
     `progress(done, total, row)` follows each point; `should_stop()` ends the sweep early.
     """
     from .live import LiveMerge
 
     config = load_config(config)
+    layers = None
+    if LAYER_RANGE.match(parameter.partition("@")[2]):
+        from .pipeline import plan_stages
+
+        layers = plan_stages(config)[0].num_layers  # once, not per point
     rows = []
     for index, value in enumerate(values):
         if should_stop is not None and should_stop():
             break
-        point = with_parameter(config, parameter, value)
+        point = with_parameter(config, parameter, value, layers)
         started = time.perf_counter()
         if live is None:
             live = LiveMerge(point, device=device)
         else:
             live.update(point)
-        row = {"value": value, "update_seconds": time.perf_counter() - started}
+        row = {"value": value, "update_seconds": time.perf_counter() - started, "recipe": point.to_yaml()}
         for name, scorer in scorers.items():
             row[name] = scorer(live.model, live.tokenizer)
         rows.append(row)

@@ -2,8 +2,11 @@
 
 It serves model folders under repo ids: repo info (`/api/models/...`), file downloads
 and HEAD metadata (`/{repo}/resolve/{revision}/{file}`, with Range support), the way
-huggingface_hub talks to the real hub. It records every request so tests can see what
-was downloaded. Only loopback traffic; nothing leaves the machine.
+huggingface_hub talks to the real hub. With `storage`, it also takes writes as the hub
+does: who-am-I for a token, repo creation and deletion, preupload (every file "regular",
+so contents arrive inline) and NDJSON commits, writing the files under `storage`;
+`fail_commits` makes commits fail with HTTP 500. It records every request so tests can
+see what was downloaded. Only loopback traffic; nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ COMMIT = "1234567890abcdef1234567890abcdef12345678"
 
 
 class FakeHub:
-    def __init__(self, repos: dict[str, Path]):
+    def __init__(self, repos: dict[str, Path], storage: Path = None, tokens: dict[str, str] = None):
         self.repos = {repo: Path(folder) for repo, folder in repos.items()}
+        self.storage = Path(storage) if storage else None
+        self.tokens = tokens or {"hf_good": "tester"}  # token -> user name
+        self.private: dict[str, bool] = {}
+        self.fail_commits = False
         self.requests: list[tuple[str, str, str]] = []  # method, path, Range header
         hub = self
 
@@ -33,6 +40,12 @@ class FakeHub:
 
             def do_GET(self):
                 hub.handle(self, body=True)
+
+            def do_POST(self):
+                hub.handle_write(self)
+
+            def do_DELETE(self):
+                hub.handle_write(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -57,6 +70,12 @@ class FakeHub:
     def handle(self, request: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlparse(request.path).path)
         self.requests.append((request.command, path, request.headers.get("Range", "")))
+        if path == "/api/whoami-v2":
+            user = self._user(request)
+            if user is None:
+                return self._send(request, 401, b'{"error": "Invalid credentials"}', {}, body)
+            return self._send(request, 200, json.dumps({"name": user, "type": "user", "auth": {}}).encode(),
+                              {"Content-Type": "application/json"}, body)
         if path == "/api/models":  # search
             query = dict(part.split("=", 1) for part in urlparse(request.path).query.split("&") if "=" in part)
             wanted = unquote(query.get("search", "")).lower()
@@ -70,6 +89,68 @@ class FakeHub:
             _, _, file = rest.partition("/")
             return self._file(request, repo, file, body)
         self._send(request, 404, b"{}", {"X-Error-Code": "EntryNotFound"}, body)
+
+    # ---- writes -----------------------------------------------------------------------
+    def _user(self, request) -> str:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return self.tokens.get(token)
+
+    def handle_write(self, request: BaseHTTPRequestHandler) -> None:
+        path = unquote(urlparse(request.path).path)
+        self.requests.append((request.command, path, ""))
+        data = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        user = self._user(request)
+        if user is None or self.storage is None:
+            return self._send(request, 401, b'{"error": "Invalid credentials"}', {}, True)
+        if path in ("/api/repos/create", "/api/repos/delete"):
+            payload = json.loads(data)
+            repo = f"{payload.get('organization') or user}/{payload['name']}"
+            if path.endswith("create"):
+                if repo in self.repos:
+                    return self._send(request, 409, b'{"error": "You already created this model repo"}', {}, True)
+                self.repos[repo] = self.storage / repo
+                self.repos[repo].mkdir(parents=True)
+                self.private[repo] = payload.get("visibility") == "private" or bool(payload.get("private"))
+                return self._json(request, {"url": f"{self.url}/{repo}", "name": repo})
+            if repo not in self.repos:
+                return self._send(request, 404, b"{}", {"X-Error-Code": "RepoNotFound"}, True)
+            import shutil
+
+            shutil.rmtree(self.repos.pop(repo), ignore_errors=True)
+            return self._json(request, {})
+        if path == "/api/validate-yaml":  # the model card's front matter must parse
+            import yaml
+
+            content = json.loads(data)["content"]
+            front = content.split("---")[1] if content.startswith("---") else ""
+            try:
+                yaml.safe_load(front)
+            except yaml.YAMLError as error:
+                return self._send(request, 400, json.dumps({"errors": [{"message": str(error)}]}).encode(), {}, True)
+            return self._json(request, {"errors": [], "warnings": []})
+        if path.startswith("/api/models/") and "/preupload/" in path:
+            files = json.loads(data)["files"]
+            return self._json(request, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                  for f in files]})
+        if path.startswith("/api/models/") and "/commit/" in path:
+            repo = path[len("/api/models/"):].split("/commit/")[0]
+            if repo not in self.repos:
+                return self._send(request, 404, b"{}", {"X-Error-Code": "RepoNotFound"}, True)
+            if self.fail_commits:
+                return self._send(request, 500, b'{"error": "Internal Error"}', {}, True)
+            import base64
+
+            for line in data.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    target = self.repos[repo] / item["value"]["path"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(base64.b64decode(item["value"]["content"]))
+            return self._json(request, {"commitUrl": f"{self.url}/{repo}/commit/{COMMIT}", "commitOid": COMMIT})
+        self._send(request, 404, b"{}", {}, True)
+
+    def _json(self, request, payload) -> None:
+        self._send(request, 200, json.dumps(payload).encode(), {"Content-Type": "application/json"}, True)
 
     def _repo_info(self, request, rest: str, body: bool) -> None:
         repo = rest.split("/revision/")[0].split("/tree/")[0]

@@ -71,3 +71,27 @@ def make_child(base: Path, folder: Path, *, seed: int, scale: float = 0.02, rank
     tokenizer = tiny_tokenizer(model.config.vocab_size)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def make_trained(base: Path, folder: Path, texts: list[str], steps: int = 30, seed: int = 0,
+                 learning_rate: float = 1e-3) -> Path:
+    """The base fine-tuned (all weights, Adam) on `texts` until it knows them: a model with
+    a domain of its own, for tests where perplexity must move the way theory says."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)

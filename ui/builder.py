@@ -46,35 +46,21 @@ def compatibility(models: list[str], base: Optional[str]) -> str:
     return header + "\n".join(rows)
 
 
-def _reachable(url: str, seconds: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    parts = urlparse(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                                 timeout=seconds).close()
-        return True
-    except OSError:
-        return False
-
-
 def search_hub(query: str) -> tuple[str, dict]:
     """Text-generation models on the hub matching `query`, most downloaded first; says so
     plainly when the hub is offline or unreachable. Returns (message, dropdown update)."""
-    import os
 
     from huggingface_hub import HfApi
 
-    from merging.checkpoint import _hub_offline
+    from merging.checkpoint import hub_endpoint, hub_offline, hub_reachable
 
     if not query or not query.strip():
         return "type part of a model's name to search the hub", gr.update()
-    if _hub_offline():
+    if hub_offline():
         return ("the hub is offline here (HF_HUB_OFFLINE is set): type a local folder, or a hub id "
                 "that is already in the cache"), gr.update()
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    if not _reachable(endpoint):  # huggingface_hub would retry for half a minute
+    endpoint = hub_endpoint()
+    if not hub_reachable(endpoint):  # huggingface_hub would retry for half a minute
         return "cannot reach the Hugging Face hub (no connection): type a local folder instead", gr.update()
     try:
         api = HfApi(endpoint=endpoint)

@@ -8,10 +8,8 @@ read one back from it.
 
 from __future__ import annotations
 
-from typing import Optional
-
-from merging import MergeConfig, MergeError
-from merging.parameters import gradient_value
+from merging import MergeError
+from merging.layer_values import edit_range, expand, points_from_config, with_layer_points  # noqa: F401
 
 PRESETS = {  # (attention, MLP, other) control points
     "flat 0.5": ([0.5], [0.5], [0.5]),
@@ -22,7 +20,6 @@ PRESETS = {  # (attention, MLP, other) control points
     "LazyMergekit gradient": ([0, 0.5, 0.3, 0.7, 1], [1, 0.5, 0.7, 0.3, 0], [0.5]),
     "attention from A, MLP from B": ([0], [1], [0.5]),
 }
-FILTERS = ("self_attn", "mlp", None)
 
 
 def parse_points(text: str, label: str) -> list[float]:
@@ -38,75 +35,6 @@ def parse_points(text: str, label: str) -> list[float]:
 
 def format_points(values: list[float]) -> str:
     return ", ".join(f"{v:.4g}" for v in values)
-
-
-def _setting(values: list[float]):
-    return values[0] if len(values) == 1 else values
-
-
-def with_layer_points(config: MergeConfig, name: str, attention: list[float], mlp: list[float],
-                      other: list[float]) -> MergeConfig:
-    """The config with `name` set as [self_attn points, mlp points, the rest]."""
-    import copy
-
-    changed = copy.deepcopy(config)
-    changed.parameters = {**(changed.parameters or {}), name: [
-        {"filter": "self_attn", "value": _setting(attention)},
-        {"filter": "mlp", "value": _setting(mlp)},
-        {"value": _setting(other)},
-    ]}
-    for output_slice in changed.slices or []:  # a slice's own value would shadow the new one
-        if output_slice.parameters:
-            output_slice.parameters.pop(name, None)
-    changed.check()
-    return changed
-
-
-def points_from_config(config: MergeConfig, name: str) -> tuple[list[float], list[float], list[float]]:
-    """Read (attention, MLP, other) control points back from the top-level parameter."""
-    setting = (config.parameters or {}).get(name)
-    if setting is None:
-        raise MergeError(f"the recipe sets no top-level '{name}'")
-
-    def values(value) -> list[float]:
-        return [float(v) for v in value] if isinstance(value, list) else [float(value)]
-
-    if not (isinstance(setting, list) and setting and isinstance(setting[0], dict)):
-        return values(setting), values(setting), values(setting)
-    found = {}
-    for entry in setting:
-        key = entry.get("filter")
-        key = None if key in (None, "*") else key
-        found.setdefault(key, values(entry["value"]))
-    fallback = found.get(None)
-    result = []
-    for key in FILTERS:
-        if key in found or fallback is not None:
-            result.append(found.get(key, fallback))
-        else:
-            raise MergeError(f"'{name}' has no value for {key or 'the other tensors'}")
-    return tuple(result)
-
-
-def expand(points: list[float], layers: int) -> list[float]:
-    """One value per layer, as the merge computes them (mergekit's gradient rule)."""
-    return [gradient_value(points, j / (layers - 1) if layers > 1 else 1.0) for j in range(layers)]
-
-
-def edit_range(values: list[float], operation: str, first: int, last: int, amount: float,
-               low: Optional[float] = 0.0, high: Optional[float] = 1.0) -> list[float]:
-    """set / add / multiply the values of layers first..last (inclusive), clipped to range."""
-    if not 0 <= first <= last < len(values):
-        raise MergeError(f"layers {first}..{last} are outside 0..{len(values) - 1}")
-    result = list(values)
-    for j in range(first, last + 1):
-        value = {"set": amount, "add": result[j] + amount, "multiply": result[j] * amount}[operation]
-        if low is not None:
-            value = max(low, value)
-        if high is not None:
-            value = min(high, value)
-        result[j] = value
-    return result
 
 
 def values_figure(attention: list[float], mlp: list[float], other: list[float], layers: int,
