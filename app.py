@@ -7,8 +7,10 @@ import sys
 import gradio as gr
 
 from merging.errors import MergeError
+from ui.history_panel import build_history_panel
 from ui.lab import build_lab, forget_session
 from ui.moe_panel import build_moe_panel
+from ui.sweep_panel import build_sweep_panel
 from ui.recipe_panel import build_recipe_panel
 
 INTRO = """# MergeLab
@@ -44,9 +46,13 @@ def build_app(family: dict | None = None) -> gr.Blocks:
     with gr.Blocks(title="MergeLab") as app:
         gr.Markdown(INTRO)
         with gr.Tab("Lab"):
-            build_lab(family)
+            lab_recipe, merge_after = build_lab(family)
+        with gr.Tab("Sweep"):
+            build_sweep_panel(lab_recipe, family, merge_after)
         with gr.Tab("Mixture of experts"):
-            build_moe_panel(family)
+            moe_recipe = build_moe_panel(family)
+        with gr.Tab("History"):
+            build_history_panel(lab_recipe, moe_recipe)
         with gr.Tab("Check a recipe"):
             build_recipe_panel(family)
         app.unload(forget_session)  # the session's merged model goes when its browser does

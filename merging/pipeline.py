@@ -57,12 +57,13 @@ def plan_stages(config) -> list[MergePlan]:
 def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Optional[Progress] = None,
           *, seed: int = 0, out_shard_size: int = DEFAULT_SHARD_BYTES,
           intermediate_dir: Optional[Union[str, Path]] = None, overwrite: bool = False,
-          plans: Optional[list[MergePlan]] = None) -> Path:
+          plans: Optional[list[MergePlan]] = None, card_extra: str = "") -> Path:
     """Merge as `config` says and write a Hugging Face model folder at `out_dir`.
 
     `config` is a MergeConfig, a MultiStageConfig, YAML text or a path. Everything is
     checked before any tensor is read; the folder appears only when complete.
-    `progress(done, total, tensor_name)` is called after each tensor.
+    `progress(done, total, tensor_name)` is called after each tensor; `card_extra` is
+    Markdown added to the model card (scores, say).
     """
     config = load_config(config)
     out_dir = Path(out_dir)
@@ -70,7 +71,7 @@ def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Opt
     resolve_device(device)
     plans = plans or plan_stages(config)
     if len(plans) == 1:
-        return write_merge(plans[0], out_dir, device, progress, seed, out_shard_size, overwrite)
+        return write_merge(plans[0], out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
 
     keep = intermediate_dir is not None
     work = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=".mergelab-stages-",
@@ -83,7 +84,7 @@ def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Opt
             # swap the planned stand-ins for the folders the earlier stages wrote
             plan.checkpoints.update({name: written[name] for name in plan.checkpoints if name in written})
             if index == len(plans) - 1:
-                write_merge(plan, out_dir, device, progress, seed, out_shard_size, overwrite)
+                write_merge(plan, out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
             else:  # an intermediate folder left by an earlier run is stale: replace it
                 target = work / stage.name
                 write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=True)
@@ -95,7 +96,7 @@ def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Opt
 
 
 def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[Progress], seed: int,
-                out_shard_size: int, overwrite: bool) -> Path:
+                out_shard_size: int, overwrite: bool, card_extra: str = "") -> Path:
     """Run one plan into a folder: weights, config, tokenizer, model card."""
     config = plan.config
     fetch_weights(plan)
@@ -116,7 +117,8 @@ def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[
             if template:
                 folder_files.write_chat_template(temporary, template)
         folder_files.write_model_card(temporary, Path(out_dir).name, config.to_yaml(),
-                                      config.referenced_models(), config.merge_method, config.base_model)
+                                      config.referenced_models(), config.merge_method, config.base_model,
+                                      extra=card_extra)
     for checkpoint in plan.checkpoints.values():
         checkpoint.close()
     return Path(out_dir)

@@ -19,6 +19,30 @@ from .errors import MergeError
 REPO_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 
+def check_hub_access(repo: str, token: Optional[str] = None, endpoint: Optional[str] = None) -> str:
+    """The full repo id `repo` will have ('name' goes to the token's own namespace), once the
+    name is valid, the hub reachable and the token accepted; raises MergeError otherwise.
+    Cheap: call it before merging a model only to find it cannot be pushed."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub_errors
+
+    repo = (repo or "").strip()
+    if not REPO_NAME.match(repo) or ".." in repo:
+        raise MergeError(f"'{repo}' is not a valid repo name (letters, digits, '-', '_', '.'; optionally org/name)")
+    if hub_offline():
+        raise MergeError("the hub is offline here (HF_HUB_OFFLINE is set): save the model to a folder instead")
+    endpoint = endpoint or hub_endpoint()
+    if not hub_reachable(endpoint):
+        raise MergeError(f"cannot reach the Hugging Face hub at {endpoint}: save the model to a folder instead")
+    try:
+        user = HfApi(endpoint=endpoint, token=token).whoami()["name"]
+    except hub_errors.LocalTokenNotFoundError:
+        raise MergeError("log in (or give a token with write access) to push to the hub") from None
+    except hub_errors.HfHubHTTPError as error:
+        raise MergeError(f"the hub refused the token ({_status(error)})") from None
+    return repo if "/" in repo else f"{user}/{repo}"
+
+
 def push_to_hub(folder: Union[str, Path], repo: str, token: Optional[str] = None, private: bool = True,
                 endpoint: Optional[str] = None, message: str = "Upload merged model (MergeLab)") -> str:
     """Upload `folder` to the model repo `repo` ('name' goes to the token's own namespace,
@@ -30,22 +54,9 @@ def push_to_hub(folder: Union[str, Path], repo: str, token: Optional[str] = None
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise MergeError(f"'{folder}' is not a model folder (no config.json)")
-    repo = (repo or "").strip()
-    if not REPO_NAME.match(repo) or ".." in repo:
-        raise MergeError(f"'{repo}' is not a valid repo name (letters, digits, '-', '_', '.'; optionally org/name)")
-    if hub_offline():
-        raise MergeError("the hub is offline here (HF_HUB_OFFLINE is set): save the model to a folder instead")
     endpoint = endpoint or hub_endpoint()
-    if not hub_reachable(endpoint):
-        raise MergeError(f"cannot reach the Hugging Face hub at {endpoint}: save the model to a folder instead")
+    repo_id = check_hub_access(repo, token, endpoint)
     api = HfApi(endpoint=endpoint, token=token)
-    try:
-        user = api.whoami()["name"]
-    except hub_errors.LocalTokenNotFoundError:
-        raise MergeError("log in (or give a token with write access) to push to the hub") from None
-    except hub_errors.HfHubHTTPError as error:
-        raise MergeError(f"the hub refused the token ({_status(error)})") from None
-    repo_id = repo if "/" in repo else f"{user}/{repo}"
     existed = api.repo_exists(repo_id)
     try:
         url = str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))

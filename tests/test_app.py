@@ -236,7 +236,7 @@ def test_public_deployments_never_trust_remote_code(demo_cache, demo_family, mon
     monkeypatch.setenv("MERGELAB_CACHE", str(demo_cache))
     recipe = LAB_RECIPE.format(**{k: str(v) for k, v in demo_family.items()})
     messages = list(merge_recipe(recipe, True, None, progress=lambda *a, **k: None))
-    assert messages[0].startswith("Building: about") and messages[-1].startswith("**Merged.**")
+    assert messages[0].startswith("Building: about") and messages[-1].startswith("**Merged** (history #")
     assert SESSIONS.get(None).live.trust_remote_code is False
     SESSIONS.drop(None)
 

@@ -39,7 +39,7 @@ def test_merge_ask_and_see_the_weights_in_chromium(server, page, tmp_path):
     t.press("Enter")
     page.get_by_text("t: 0.0").wait_for(timeout=30_000)  # the slider rewrote the recipe
     page.get_by_role("button", name="Merge", exact=True).click()
-    page.get_by_text("Merged.").wait_for(timeout=120_000)
+    page.get_by_text("(history #").wait_for(timeout=120_000)
     page.get_by_role("button", name="Ask all three").click()
     bubbles = page.locator(".message-wrap .bot")
     page.wait_for_function("document.querySelectorAll('.message-wrap .bot').length >= 3", timeout=120_000)
@@ -93,7 +93,7 @@ def test_build_a_mixture_of_experts_and_see_its_routing_in_chromium(server, page
     page.goto(server)
     page.get_by_role("tab", name="Mixture of experts").click()
     page.get_by_role("button", name="Build", exact=True).click()
-    page.get_by_text("Built a MixtralForCausalLM").wait_for(timeout=180_000)
+    page.get_by_text("MixtralForCausalLM with").wait_for(timeout=180_000)
     page.get_by_label("Prompt").last.fill("Reverse the words: zebra anchor glove")
     page.get_by_role("button", name="Ask", exact=True).click()
     page.locator(".moe-strip .moe-token").first.wait_for(timeout=120_000)

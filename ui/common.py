@@ -31,3 +31,20 @@ def read_recipe(recipe: str, kind: type, wrong_kind: str):
     if is_public_deployment():
         refuse_local_paths(config)
     return config
+
+
+def user_key(request: gr.Request = None, profile=None) -> str:
+    """Whose history this is: the signed-in hub user; else, on a public deployment, this
+    browser session only (no one sees another's merges); else the local user."""
+    if profile is not None and getattr(profile, "username", None):
+        return f"hf:{profile.username}"
+    if is_public_deployment():
+        return f"session:{request.session_hash if request else 'none'}"
+    return "local"
+
+
+def remember(recipe: str, kind: str, request: gr.Request = None, profile=None, scores=None) -> int:
+    """Record a merge in the history; returns its id."""
+    from .session import history
+
+    return history().record(user_key(request, profile), recipe, kind, scores)

@@ -11,14 +11,15 @@ from typing import Optional
 
 import gradio as gr
 
-from merging import MergeConfig, MergeError, MultiStageConfig, load_config
+from merging import MergeConfig, MultiStageConfig, load_config
 from merging.analysis import METRICS, diagnose_plan, heatmap
 from merging.evaluate import with_parameter
 from merging.generation import Sampling, stream
 
 from . import layers
 from .builder import build_builder, short_name
-from .common import friendly, gpu, read_recipe
+from .common import friendly, gpu, read_recipe, remember
+from .publish_panel import build_publish_panel
 from .recipe_panel import is_public_deployment, refuse_local_paths
 from .session import PARENTS, SESSIONS
 
@@ -81,7 +82,7 @@ def memory_estimate(config: MergeConfig) -> str:
 
 @gpu
 def merge_recipe(recipe: str, trust_remote_code: bool = False, request: gr.Request = None,
-                 progress=gr.Progress()):
+                 profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
     """Build the session's merged model (saying first what it will hold), or update it in place.
     `trust_remote_code` lets models with their own architecture code run it (never on a
     public deployment)."""
@@ -108,7 +109,8 @@ def merge_recipe(recipe: str, trust_remote_code: bool = False, request: gr.Reque
                 stats = session.live.last_stats
             else:
                 stats = session.live.update(config)
-        yield f"**Merged.** {stats}"
+        entry = remember(recipe, "merge", request, profile)
+        yield f"**Merged** (history #{entry}). {stats}"
     except Exception as error:
         raise friendly(error) from None
 
@@ -254,32 +256,13 @@ def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, 
         raise friendly(error) from None
 
 
-def save_merge(recipe: str, folder: str, progress=gr.Progress()) -> str:
-    """Write the recipe's merge to a folder with its model card (merge(), atomic)."""
-    import os
-    from pathlib import Path
-
-    from merging import merge
-
-    try:
-        config = _config(recipe)
-        if not folder or not folder.strip():
-            raise MergeError("give a folder to save the merged model in")
-        target = Path(folder).expanduser()
-        if is_public_deployment():  # only under the deployment's outputs folder
-            outputs = Path(os.environ.get("MERGELAB_OUTPUTS", "outputs")).resolve()
-            target = (outputs / target.name).resolve()
-        merge(config, target, progress=lambda done, total, name: progress(done / total, desc=f"merging {name}"))
-        return f"**Saved** to `{target}`: weights, config, tokenizer and a model card with the recipe."
-    except Exception as error:
-        raise friendly(error) from None
-
-
 def forget_session(request: gr.Request) -> None:
     SESSIONS.drop(request.session_hash if request else None)
 
 
-def build_lab(family: Optional[dict]) -> None:
+def build_lab(family: Optional[dict]):
+    """The lab's components; returns its recipe box and a function that chains a merge of
+    it after another event (the sweep tab loads points into the box that way)."""
     recipe_text = LAB_RECIPE.format(**family) if family else ""
     with gr.Row():
         with gr.Column(scale=3):
@@ -385,9 +368,10 @@ def build_lab(family: Optional[dict]) -> None:
     table = gr.JSON(label="records", visible=False)
     show.click(show_diagnostics, inputs=[recipe, metric], outputs=[plot, curves, table], api_name="diagnostics")
 
-    gr.Markdown("### Save")
-    with gr.Row():
-        folder = gr.Textbox("merged-model", label="folder", scale=4)
-        save = gr.Button("Save the merged model", scale=1)
-    saved = gr.Markdown()
-    save.click(save_merge, inputs=[recipe, folder], outputs=saved, api_name="save", concurrency_limit=1)
+    build_publish_panel(recipe)
+
+    def merge_after(event):
+        """Chain a merge of the recipe box after `event` (which wrote into it)."""
+        return event.then(merge_recipe, inputs=[recipe, trust], outputs=status)
+
+    return recipe, merge_after

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from merging.moe_config import GATE_MODES, Expert, MoEConfig
 
 from .builder import short_name
-from .common import friendly, gpu, read_recipe
+from .common import friendly, gpu, read_recipe, remember
 from .session import SESSIONS
 
 MAX_EXPERTS = 4
@@ -81,7 +81,8 @@ def _estimate(plan) -> str:
 
 
 @gpu
-def build(recipe: str, request: gr.Request = None, progress=gr.Progress()):
+def build(recipe: str, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+          progress=gr.Progress()):
     """Check the recipe, build the MoE into the session's folder, load it for the arena."""
     import tempfile
 
@@ -108,7 +109,8 @@ def build(recipe: str, request: gr.Request = None, progress=gr.Progress()):
             session.moe = (*load_model(out), [short_name(e.source_model) for e in config.experts])
         seconds = time.perf_counter() - started
         warnings = "".join(f"\n\nwarning: {w}" for w in plan.warnings)
-        yield (f"**Built** a MixtralForCausalLM with {len(config.experts)} experts, "
+        entry = remember(recipe, "moe", request, profile)
+        yield (f"**Built** (history #{entry}) a MixtralForCausalLM with {len(config.experts)} experts, "
                f"{config.experts_per_token} per token, {plan.parameter_count / 1e6:.0f} M parameters "
                f"in {seconds:.1f} s.{warnings}")
     except Exception as error:
@@ -173,7 +175,8 @@ def ask(prompt: str, max_new_tokens: float, temperature: float, seed: float, req
             f"{len(answer.tokens)} tokens in {seconds:.1f} s; tokens per expert: {summary}")
 
 
-def build_moe_panel(family: Optional[dict]) -> None:
+def build_moe_panel(family: Optional[dict]) -> gr.Code:
+    """The tab's components; returns its recipe box (the history restores into it)."""
     from merging.demo_skills import moe_recipe
 
     recipe_text = moe_recipe(family) if family else ""
@@ -224,3 +227,4 @@ def build_moe_panel(family: Optional[dict]) -> None:
             router = gr.Plot(label="router per layer")
     send.click(ask, inputs=[prompt, max_new_tokens, temperature, seed], outputs=[chat, strip, router, info],
                api_name="moe_ask")
+    return recipe

@@ -21,6 +21,8 @@ class Session:
     blind_order: Optional[list] = None  # pane labels of the last blind round, until a vote
     workdir: Optional[str] = None  # earlier stages of a multi-stage recipe, the MoE: on disk
     moe: Optional[tuple] = None  # (model, tokenizer, expert names) of the MoE tab
+    stop_sweep: bool = False  # set by the Stop button; the running sweep ends after its point
+    sweep_rows: list = field(default_factory=list)  # the last sweep's finished points
 
 
 class SessionRegistry:
@@ -70,3 +72,14 @@ class SharedModels:
 
 SESSIONS = SessionRegistry()
 PARENTS = SharedModels()
+_HISTORY = None
+
+
+def history():
+    """The app's merge history (one SQLite file, rows keyed by user), opened on first use."""
+    global _HISTORY
+    if _HISTORY is None:
+        from merging.history import History
+
+        _HISTORY = History()
+    return _HISTORY

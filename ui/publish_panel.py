@@ -1,0 +1,103 @@
+"""Save the Lab's merge to a folder, or publish it to the Hugging Face hub; either way the
+model card carries the recipe, the sources and the scores the history holds for it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from merging import MergeConfig, MergeError
+
+from .common import friendly, read_recipe, user_key
+from .recipe_panel import is_public_deployment
+from .session import history
+
+
+def _config(recipe: str) -> MergeConfig:
+    return read_recipe(recipe, MergeConfig, "save one merge recipe at a time; multi-stage files merge from the "
+                                            "command line")
+
+
+def scores_section(recipe: str, user: str) -> str:
+    """The model card's scores: those of the newest history entry with exactly this recipe."""
+    entry = history().find(user, recipe)
+    if entry is None or not entry.scores:
+        return ""
+    rows = "\n".join(f"| {name} | {value:.4g} |" if isinstance(value, (int, float)) else f"| {name} | {value} |"
+                     for name, value in entry.scores.items())
+    return f"## Scores\n\nMeasured in MergeLab (history #{entry.id}):\n\n| score | value |\n|---|---|\n{rows}"
+
+
+def _merge(recipe: str, target: Path, user: str, progress) -> Path:
+    from merging import merge
+
+    return merge(_config(recipe), target, card_extra=scores_section(recipe, user),
+                 progress=lambda done, total, name: progress(done / total, desc=f"merging {name}"))
+
+
+def save_merge(recipe: str, folder: str, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+               progress=gr.Progress()) -> str:
+    """Write the recipe's merge to a folder with its model card (merge(), atomic)."""
+    try:
+        _config(recipe)
+        if not folder or not folder.strip():
+            raise MergeError("give a folder to save the merged model in")
+        target = Path(folder).expanduser()
+        if is_public_deployment():  # only under the deployment's outputs folder
+            outputs = Path(os.environ.get("MERGELAB_OUTPUTS", "outputs")).resolve()
+            target = (outputs / target.name).resolve()
+        _merge(recipe, target, user_key(request, profile), progress)
+        return f"**Saved** to `{target}`: weights, config, tokenizer and a model card with the recipe."
+    except Exception as error:
+        raise friendly(error) from None
+
+
+def publish(recipe: str, repo: str, private: bool, token: str, request: gr.Request = None,
+            profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None,
+            progress=gr.Progress()) -> str:
+    """Merge into a temporary folder and push it to the hub with the token given, else the
+    signed-in user's (on a Space with OAuth), else, run locally, your own `hf auth login`.
+    Hub access is checked before the merge starts."""
+    from merging.publish import check_hub_access, push_to_hub
+
+    try:
+        _config(recipe)
+        token = (token or "").strip() or (oauth_token.token if oauth_token is not None else None)
+        if not token and is_public_deployment():  # never the server's own login
+            raise MergeError("sign in with Hugging Face, or paste a token with write access, to publish")
+        repo_id = check_hub_access(repo, token)
+        work = Path(tempfile.mkdtemp(prefix="mergelab-publish-"))
+        try:
+            folder = _merge(recipe, work / "model", user_key(request, profile), progress)
+            progress(1.0, desc=f"uploading to {repo_id}")
+            url = push_to_hub(folder, repo_id, token=token, private=bool(private))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return f"**Published** to [{repo_id}]({url}) ({'private' if private else 'public'})."
+    except Exception as error:
+        raise friendly(error) from None
+
+
+def build_publish_panel(recipe: gr.Code) -> None:
+    gr.Markdown("### Save or publish")
+    with gr.Row():
+        folder = gr.Textbox("merged-model", label="folder", scale=4)
+        save = gr.Button("Save the merged model", scale=1)
+    saved = gr.Markdown()
+    save.click(save_merge, inputs=[recipe, folder], outputs=saved, api_name="save", concurrency_limit=1)
+    with gr.Row():
+        if os.environ.get("OAUTH_CLIENT_ID"):  # a Space with hf_oauth; elsewhere a token or hf auth login
+            gr.LoginButton(scale=1)
+        repo = gr.Textbox("my-merge", label="hub repo (name, or org/name)", scale=2)
+        private = gr.Checkbox(True, label="private", scale=1)
+        token = gr.Textbox("", type="password", scale=2,
+                           label="token with write access (empty: " + ("sign in" if is_public_deployment()
+                                                                       else "your hf auth login") + ")")
+        push = gr.Button("Publish to the hub", scale=1)
+    published = gr.Markdown()
+    push.click(publish, inputs=[recipe, repo, private, token], outputs=published, api_name="publish",
+               concurrency_limit=1)

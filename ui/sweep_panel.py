@@ -1,0 +1,218 @@
+"""Sweeps: move one parameter of the Lab's recipe over a range, score every point with
+perplexity on texts you paste or upload and with the demo family's skill probes, and
+watch the scores arrive point by point. Any point loads into the Lab; the table exports
+as CSV; every point is recorded in the history with its scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from merging import MergeConfig, MergeError
+
+from .builder import short_name
+from .common import friendly, gpu, read_recipe, remember
+from .session import SESSIONS
+
+PROBE_SETS = ("json skill", "reverse skill")  # the demo family's held-out probes
+LAYER_RANGE = "@layers"
+
+
+def _config(recipe: str) -> MergeConfig:
+    return read_recipe(recipe, MergeConfig, "sweeps run over one merge recipe (not MoE or multi-stage files)")
+
+
+def parameter_choices(recipe: str):
+    """The numeric parameters the recipe's method declares: global ones, per-model ones for
+    each model, and a layer range of t."""
+    try:
+        config = _config(recipe)
+    except Exception as error:
+        raise friendly(error) from None
+    numeric = [p for p in config.method.parameters if p.kind in (float, int)]
+    choices = [(f"{p.name} (everywhere)", p.name) for p in numeric if not p.per_model]
+    models = [m.model for m in config.models or []] + [s.model for sl in config.slices or [] for s in sl.sources]
+    for parameter in (p for p in numeric if p.per_model):
+        for model in dict.fromkeys(models):
+            choices.append((f"{parameter.name} of {short_name(model)}", f"{parameter.name}@{model}"))
+    if any(p.name == "t" and not p.per_model for p in numeric):
+        choices.append(("t on a layer range (from / to below)", "t" + LAYER_RANGE))
+    return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+
+def _lines(text: Optional[str], upload: Optional[str]) -> list[str]:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if upload:
+        lines += [line.strip() for line in Path(upload).read_text(encoding="utf-8", errors="replace").splitlines()
+                  if line.strip()]
+    return lines
+
+
+def _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count) -> dict:
+    from merging.demo_skills import probes
+    from merging.evaluate import perplexity_scorer, probe_scorer
+
+    scorers = {}
+    for name, text, upload in (("ppl A", texts_a, upload_a), ("ppl B", texts_b, upload_b)):
+        lines = _lines(text, upload)
+        if lines:
+            scorers[name] = perplexity_scorer(lines)
+    for probe_set in probe_sets or []:
+        skill = probe_set.split()[0]
+        scorers[f"{skill} probes"] = probe_scorer(probes(skill, int(probe_count)))
+    if not scorers:
+        raise MergeError("give some texts for perplexity or pick a probe set to score the points with")
+    return scorers
+
+
+def values_between(start: float, stop: float, points: int) -> list[float]:
+    if points < 2:
+        raise MergeError("a sweep needs at least 2 points")
+    if points > 101:
+        raise MergeError("a sweep takes at most 101 points")
+    return [round(start + (stop - start) * i / (points - 1), 6) for i in range(points)]
+
+
+def sweep_figure(rows: list[dict], names: list[str], parameter: str) -> go.Figure:
+    """Scores against the parameter: perplexities on the left axis (log), probe accuracy on
+    the right."""
+    figure = go.Figure()
+    for name in names:
+        accuracy = name.endswith("probes")
+        figure.add_trace(go.Scatter(x=[r["value"] for r in rows], y=[r[name] for r in rows], name=name,
+                                    mode="lines+markers", yaxis="y2" if accuracy else "y",
+                                    line={"dash": "dot" if accuracy else "solid"}))
+    figure.update_layout(xaxis_title=parameter, height=340, margin={"l": 60, "r": 60, "t": 20, "b": 40},
+                         yaxis={"title": "perplexity", "type": "log"},
+                         yaxis2={"title": "probe accuracy", "overlaying": "y", "side": "right", "range": [0, 1.05]},
+                         legend={"orientation": "h", "y": 1.12})
+    return figure
+
+
+def _csv(rows: list[dict], names: list[str], parameter: str) -> str:
+    handle = tempfile.NamedTemporaryFile("w", suffix=".csv", prefix="sweep-", delete=False, newline="")
+    with handle:
+        writer = csv.writer(handle)
+        writer.writerow([parameter, *names, "history id"])
+        for row in rows:
+            writer.writerow([row["value"], *[row[n] for n in names], row.get("history", "")])
+    return handle.name
+
+
+@gpu
+def run_sweep(recipe: str, parameter: str, first_layer: float, last_layer: float, start: float, stop: float,
+              points: float, texts_a: str, upload_a, texts_b: str, upload_b, probe_sets: list, probe_count: float,
+              request: gr.Request = None, profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
+    """Score the recipe at each value, yielding (plot, table, status, CSV file, point
+    choices) as each point finishes. The Stop button ends it after the current point."""
+    from merging.evaluate import sweep
+
+    session = SESSIONS.get(request.session_hash if request else None)
+    try:
+        config = _config(recipe)
+        if not parameter:
+            raise MergeError("pick a parameter to sweep")
+        if parameter.endswith(LAYER_RANGE):
+            parameter = f"{parameter}:{int(first_layer)}-{int(last_layer)}"
+        values = values_between(float(start), float(stop), int(points))
+        scorers = _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count)
+    except Exception as error:
+        raise friendly(error) from None
+    names = list(scorers)
+    finished: queue.Queue = queue.Queue()
+    session.stop_sweep = False
+    session.sweep_rows = []
+
+    def work():
+        try:
+            sweep(config, parameter, values, scorers, progress=lambda done, total, row: finished.put(row),
+                  should_stop=lambda: session.stop_sweep)
+        except Exception as error:  # shown in the browser, not lost in a thread
+            finished.put(error)
+        finished.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    rows: list[dict] = []
+    figure, table, csv_path, choices = gr.update(), [], None, gr.update()
+    progress(0, desc=f"point 1 of {len(values)}")
+    yield figure, table, f"Merging and scoring {len(values)} points of {parameter} ...", csv_path, choices
+    while (item := finished.get()) is not None:
+        if isinstance(item, Exception):
+            raise friendly(item)
+        item["history"] = remember(item["recipe"], "sweep point", request, profile,
+                                   {name: item[name] for name in names} | {parameter: item["value"]})
+        rows.append(item)
+        session.sweep_rows = rows
+        progress(len(rows) / len(values), desc=f"point {len(rows)} of {len(values)}")
+        figure = sweep_figure(rows, names, parameter)
+        table = {"headers": [parameter, *names, "history id"],
+                 "data": [[r["value"], *[round(r[n], 4) for n in names], r["history"]] for r in rows]}
+        csv_path = _csv(rows, names, parameter)
+        choices = gr.update(choices=[(f"{parameter} = {r['value']:g}", i) for i, r in enumerate(rows)])
+        yield figure, table, f"{len(rows)} of {len(values)} points", csv_path, choices
+    stopped = " (stopped)" if len(rows) < len(values) else ""
+    yield figure, table, f"**Done**{stopped}: {len(rows)} points, recorded in the history.", csv_path, choices
+
+
+def stop_sweep(request: gr.Request = None) -> str:
+    SESSIONS.get(request.session_hash if request else None).stop_sweep = True
+    return "Stopping after the current point."
+
+
+def point_recipe(index: Optional[int], request: gr.Request = None) -> str:
+    """The recipe of one finished point, for the Lab (which then merges it)."""
+    rows = getattr(SESSIONS.get(request.session_hash if request else None), "sweep_rows", None) or []
+    if index is None or not 0 <= int(index) < len(rows):
+        raise gr.Error("run a sweep, then pick one of its points")
+    return rows[int(index)]["recipe"]
+
+
+def build_sweep_panel(lab_recipe: gr.Code, family: Optional[dict], after_load) -> None:
+    """`after_load(event)` chains the Lab's merge after a point is loaded into its recipe."""
+    gr.Markdown("Sweep one parameter of the **Lab's recipe**: each point is merged in memory and scored; the "
+                "plot grows as points finish.")
+    with gr.Row():
+        parameter = gr.Dropdown([], label="parameter", scale=3, allow_custom_value=True)
+        refresh = gr.Button("Parameters of the Lab's recipe", scale=1)
+        first_layer = gr.Number(0, precision=0, label="from layer (layer range)", scale=1)
+        last_layer = gr.Number(0, precision=0, label="to layer", scale=1)
+    with gr.Row():
+        start = gr.Number(0.0, label="from")
+        stop = gr.Number(1.0, label="to")
+        points = gr.Number(5, precision=0, minimum=2, maximum=101, label="points")
+    with gr.Row():
+        with gr.Column():
+            texts_a = gr.Textbox(lines=3, label="texts A for perplexity (one per line)")
+            upload_a = gr.File(label="or a .txt file (one text per line)", file_types=[".txt"], type="filepath")
+        with gr.Column():
+            texts_b = gr.Textbox(lines=3, label="texts B for perplexity (one per line)")
+            upload_b = gr.File(label="or a .txt file (one text per line)", file_types=[".txt"], type="filepath")
+        with gr.Column():
+            probe_sets = gr.CheckboxGroup(list(PROBE_SETS), value=list(PROBE_SETS) if family else [],
+                                          label="the demo family's held-out skill probes (accuracy)")
+            probe_count = gr.Number(8, precision=0, minimum=1, maximum=30, label="probes per set")
+    with gr.Row():
+        run = gr.Button("Run the sweep", variant="primary")
+        stop_button = gr.Button("Stop")
+    status = gr.Markdown()
+    with gr.Row():
+        plot = gr.Plot(label="scores along the sweep")
+    table = gr.Dataframe(label="scores", interactive=False)
+    with gr.Row():
+        csv_file = gr.File(label="the table as CSV", interactive=False)
+        point = gr.Dropdown([], label="load a point into the Lab (and merge it)", type="value")
+    inputs = [lab_recipe, parameter, first_layer, last_layer, start, stop, points, texts_a, upload_a, texts_b,
+              upload_b, probe_sets, probe_count]
+    refresh.click(parameter_choices, inputs=lab_recipe, outputs=parameter, api_name="sweep_parameters")
+    run.click(run_sweep, inputs=inputs, outputs=[plot, table, status, csv_file, point], api_name="sweep",
+              concurrency_limit=1)
+    stop_button.click(stop_sweep, outputs=status, api_name="sweep_stop")
+    after_load(point.input(point_recipe, inputs=point, outputs=lab_recipe, api_name="sweep_point"))
