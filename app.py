@@ -47,8 +47,8 @@ def build_app(family: dict | None = None) -> gr.Blocks:
         gr.Markdown(INTRO)
         with gr.Tab("Lab"):
             lab_recipe, merge_after = build_lab(family)
-        with gr.Tab("Sweep"):
-            build_sweep_panel(lab_recipe, family, merge_after)
+        with gr.Tab("Sweep") as sweep_tab:
+            build_sweep_panel(lab_recipe, family, merge_after, sweep_tab)
         with gr.Tab("Mixture of experts"):
             moe_recipe = build_moe_panel(family)
         with gr.Tab("History"):

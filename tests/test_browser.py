@@ -106,3 +106,34 @@ def test_build_a_mixture_of_experts_and_see_its_routing_in_chromium(server, page
     page.get_by_role("button", name="Ask", exact=True).click()
     page.wait_for_function("document.querySelector('.moe-strip').innerText.includes('Omsk')", timeout=120_000)
     page.screenshot(path=str(shots / "app-moe.png"), full_page=True)
+
+
+def test_sweep_then_history_in_chromium(server, page, tmp_path):
+    shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
+    page.goto(server)
+    page.get_by_role("tab", name="Sweep").click()
+    page.get_by_role("button", name="Parameters of the Lab's recipe").click()
+    page.get_by_label("parameter").first.wait_for(timeout=30_000)
+    assert page.get_by_label("parameter").first.input_value() == "t (everywhere)"
+    page.get_by_label("texts A for perplexity (one per line)").fill(
+        'Make a record: Ana is 31 and lives in Lima.\n{"person": "Ana", "years": 31, "home": "Lima"}')
+    page.get_by_label("texts B for perplexity (one per line)").fill("Reverse the words: red lamp quiet\nquiet lamp red")
+    page.get_by_label("probes per set").fill("3")
+    page.get_by_label("points").fill("5")
+    page.get_by_role("button", name="Run the sweep").click()
+    page.get_by_text("Done: 5 points").wait_for(timeout=300_000)
+    page.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=30_000)
+    assert page.locator(".js-plotly-plot .scatterlayer .trace").count() == 4  # 2 perplexities, 2 probe sets
+    page.screenshot(path=str(shots / "app-sweep.png"), full_page=True)
+    page.get_by_label("load a point into the Lab (and merge it)").click()
+    page.get_by_role("option", name="t = 0.25").click()
+    page.get_by_role("tab", name="History").click()
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_text("sweep point").first.wait_for(timeout=60_000)
+    page.get_by_role("tab", name="Lab").click()
+    page.get_by_text("t: 0.25").first.wait_for(timeout=60_000)  # the point, in the Lab's recipe
+    page.get_by_text("(history #").first.wait_for(timeout=120_000)  # ... and merged
+    page.get_by_role("tab", name="History").click()
+    page.get_by_role("button", name="Refresh").click()
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(shots / "app-history.png"), full_page=True)

@@ -39,15 +39,21 @@ def restore(entry_id: float, request: gr.Request = None, profile: gr.OAuthProfil
     return entry.recipe, gr.update(), message
 
 
+def pick_row(event: gr.SelectData):
+    """A click on a row of the table puts its id in the id box."""
+    return event.row_value[0]
+
+
 def build_history_panel(lab_recipe: gr.Code, moe_recipe: gr.Code) -> None:
     gr.Markdown("Every merge, MoE build and sweep point you make is recorded here with its recipe and scores "
                 "(in a local SQLite file; on a shared deployment each user sees only their own).")
     with gr.Row():
         refresh = gr.Button("Refresh")
-        entry = gr.Number(None, precision=0, label="id")
+        entry = gr.Number(None, precision=0, label="id (or click a row)")
         restore_button = gr.Button("Restore into its tab", variant="primary")
     table = gr.Dataframe(headers=COLUMNS, datatype=["number", "str", "str", "str", "str"], interactive=False,
                          label="history", wrap=True)
     status = gr.Markdown()
     refresh.click(list_history, outputs=table, api_name="history")
+    table.select(pick_row, outputs=entry)
     restore_button.click(restore, inputs=entry, outputs=[lab_recipe, moe_recipe, status], api_name="restore")

@@ -30,12 +30,14 @@ def _config(recipe: str) -> MergeConfig:
     return read_recipe(recipe, MergeConfig, "sweeps run over one merge recipe (not MoE or multi-stage files)")
 
 
-def parameter_choices(recipe: str):
+def parameter_choices(recipe: str, quiet: bool = False):
     """The numeric parameters the recipe's method declares: global ones, per-model ones for
-    each model, and a layer range of t."""
+    each model, and a layer range of t. `quiet`: an unreadable recipe changes nothing."""
     try:
         config = _config(recipe)
     except Exception as error:
+        if quiet:
+            return gr.update()
         raise friendly(error) from None
     numeric = [p for p in config.method.parameters if p.kind in (float, int)]
     choices = [(f"{p.name} (everywhere)", p.name) for p in numeric if not p.per_model]
@@ -175,12 +177,15 @@ def point_recipe(index: Optional[int], request: gr.Request = None) -> str:
     return rows[int(index)]["recipe"]
 
 
-def build_sweep_panel(lab_recipe: gr.Code, family: Optional[dict], after_load) -> None:
-    """`after_load(event)` chains the Lab's merge after a point is loaded into its recipe."""
+def build_sweep_panel(lab_recipe: gr.Code, family: Optional[dict], after_load, tab: gr.Tab) -> None:
+    """`after_load(event)` chains the Lab's merge after a point is loaded into its recipe;
+    selecting `tab` refreshes the parameter choices from the Lab's recipe."""
+    start_choices = parameter_choices(lab_recipe.value, quiet=True)
     gr.Markdown("Sweep one parameter of the **Lab's recipe**: each point is merged in memory and scored; the "
                 "plot grows as points finish.")
     with gr.Row():
-        parameter = gr.Dropdown([], label="parameter", scale=3, allow_custom_value=True)
+        parameter = gr.Dropdown(start_choices.get("choices", []), value=start_choices.get("value"), label="parameter",
+                                scale=3, allow_custom_value=True)
         refresh = gr.Button("Parameters of the Lab's recipe", scale=1)
         first_layer = gr.Number(0, precision=0, label="from layer (layer range)", scale=1)
         last_layer = gr.Number(0, precision=0, label="to layer", scale=1)
@@ -191,10 +196,12 @@ def build_sweep_panel(lab_recipe: gr.Code, family: Optional[dict], after_load) -
     with gr.Row():
         with gr.Column():
             texts_a = gr.Textbox(lines=3, label="texts A for perplexity (one per line)")
-            upload_a = gr.File(label="or a .txt file (one text per line)", file_types=[".txt"], type="filepath")
+            upload_a = gr.File(label="or a .txt file (one text per line)", file_types=[".txt"], type="filepath",
+                               height=110)
         with gr.Column():
             texts_b = gr.Textbox(lines=3, label="texts B for perplexity (one per line)")
-            upload_b = gr.File(label="or a .txt file (one text per line)", file_types=[".txt"], type="filepath")
+            upload_b = gr.File(label="or a .txt file (one text per line)", file_types=[".txt"], type="filepath",
+                               height=110)
         with gr.Column():
             probe_sets = gr.CheckboxGroup(list(PROBE_SETS), value=list(PROBE_SETS) if family else [],
                                           label="the demo family's held-out skill probes (accuracy)")
@@ -212,6 +219,7 @@ def build_sweep_panel(lab_recipe: gr.Code, family: Optional[dict], after_load) -
     inputs = [lab_recipe, parameter, first_layer, last_layer, start, stop, points, texts_a, upload_a, texts_b,
               upload_b, probe_sets, probe_count]
     refresh.click(parameter_choices, inputs=lab_recipe, outputs=parameter, api_name="sweep_parameters")
+    tab.select(lambda recipe: parameter_choices(recipe, quiet=True), inputs=lab_recipe, outputs=parameter)
     run.click(run_sweep, inputs=inputs, outputs=[plot, table, status, csv_file, point], api_name="sweep",
               concurrency_limit=1)
     stop_button.click(stop_sweep, outputs=status, api_name="sweep_stop")
