@@ -66,9 +66,14 @@ def summarize(recipe: str) -> str:
         config = load_config(recipe)
     except MergeError:
         return "(unreadable recipe)"
-    models = [Path(m.rstrip("/")).name or m for m in config.referenced_models()]
-    method = "moe" if hasattr(config, "experts") else getattr(getattr(config, "final", config), "merge_method", "?")
-    return f"{method}: {', '.join(models)}"
+    stages = getattr(config, "stages", [config])
+    names = {s.name for s in stages if getattr(s, "name", None)}
+    models = [m for s in stages for m in s.referenced_models() if m not in names]
+    short = [Path(m.rstrip("/")).name or m for m in dict.fromkeys(models)]
+    method = "moe" if hasattr(config, "experts") else config.final.merge_method if len(stages) > 1 \
+        else config.merge_method
+    suffix = f" ({len(stages)} stages)" if len(stages) > 1 else ""
+    return f"{method}: {', '.join(short)}{suffix}"
 
 
 class History:

@@ -121,3 +121,15 @@ def test_publish_says_when_the_hub_is_out_of_reach(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MergeError, match="the hub is offline here"):
         push_to_hub(out, "x", token="hf_good")
+
+
+def test_history_summaries_name_method_and_models(tiny):
+    from merging.history import summarize
+
+    stages = (f"name: first\nmodels:\n  - model: {tiny.path('c1')}\nmerge_method: slerp\nbase_model: "
+              f"{tiny.path('base')}\nparameters: {{t: 0.5}}\n---\nmodels:\n  - model: first\n  - model: "
+              f"{tiny.path('c2')}\nmerge_method: linear\n")
+    assert summarize(stages) == "linear: base, c1, c2 (2 stages)"
+    assert summarize(f"base_model: {tiny.path('base')}\ngate_mode: random\nexperts:\n  - source_model: "
+                     f"{tiny.path('c1')}\n  - source_model: {tiny.path('c2')}\n") == "moe: base, c1, c2"
+    assert summarize("merge_method: [") == "(unreadable recipe)"
