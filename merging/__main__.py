@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m merging",
         description="Merge models from a mergekit YAML config into a Hugging Face model folder. "
-                    "A config with 'experts' (mergekit-moe's format) builds a Mixtral mixture of experts.",
+                    "A config with 'experts' (mergekit-moe's format) builds a Mixtral mixture of experts. "
+                    "`python -m merging extract-lora MODEL BASE OUT --rank R` extracts a LoRA adapter.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="merge methods and their parameters:\n" + describe_methods())
     parser.add_argument("config", help="mergekit YAML config (several documents: a multi-stage merge)")
@@ -53,11 +54,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def extract_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m merging extract-lora",
+        description="Extract a LoRA adapter (PEFT layout) that turns BASE into MODEL: a truncated SVD of "
+                    "each linear weight's difference.")
+    parser.add_argument("model", help="the fine-tuned model (folder or hub id)")
+    parser.add_argument("base", help="the model it was fine-tuned from")
+    parser.add_argument("out_dir", help="folder for adapter_config.json and adapter_model.safetensors")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    return parser
+
+
+def run_extract(args) -> int:
+    from tqdm import tqdm
+
+    from .lora import extract_lora
+
+    with tqdm(unit="tensor", desc="extracting", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = extract_lora(args.model, args.base, args.out_dir, args.rank, progress)
+    if report["not_extracted"]:
+        shown = ", ".join(report["not_extracted"][:4]) + (" ..." if len(report["not_extracted"]) > 4 else "")
+        print(f"warning: {len(report['not_extracted'])} other tensors differ and are not in the adapter "
+              f"(a LoRA adapts linear weights only): {shown}", file=sys.stderr)
+    print(f"wrote {args.out_dir}: rank {args.rank}, {report['modules']} linear weights, keeping "
+          f"{report['energy_kept']:.1%} of their difference's energy", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extracting = bool(argv) and argv[0] == "extract-lora"
+    parser = extract_parser() if extracting else build_parser()
+    args = parser.parse_args(argv[1:] if extracting else argv)
     try:
-        return run(args)
+        return run_extract(args) if extracting else run(args)
     except MergeError as error:
         if args.verbose:
             raise

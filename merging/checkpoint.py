@@ -103,13 +103,15 @@ class Checkpoint:
     # ---- opening ------------------------------------------------------------------
     @staticmethod
     def open(reference: str, download_weights: bool = True) -> "Checkpoint":
+        from .lora import is_adapter_folder, open_lora  # lora builds on this module: imported here
+
         folder = Path(reference).expanduser()
+        if ("+" in reference and not folder.exists()) or (folder.is_dir() and is_adapter_folder(folder)):
+            return open_lora(reference, download_weights)
         if folder.is_dir():
             return Checkpoint.from_folder(folder, reference)
         if folder.suffix in (".safetensors", ".gguf", ".bin") or folder.exists():
             raise MergeError(f"model '{reference}' must be a folder with config.json and safetensors weights")
-        if "+" in reference:
-            raise MergeError(f"model '{reference}': LoRA adapters (model+adapter) are not supported yet")
         if not HUB_ID.match(reference):
             raise MergeError(f"model '{reference}' is neither a local folder nor a hub id (org/name)")
         return open_hub_model(reference, download_weights)
@@ -134,8 +136,12 @@ class Checkpoint:
         else:
             files = sorted(folder.glob("*.safetensors"))
         if not files:
-            others = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
-            extra = f" (found {others[0]}; only safetensors weights are supported)" if others else ""
+            from .torch_bin import TorchBinCheckpoint, bin_files
+
+            if bin_files(folder, reference):
+                return TorchBinCheckpoint(reference, folder, config, bin_files(folder, reference))
+            others = [p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".gguf")]
+            extra = f" (found {others[0]}; only safetensors and .bin weights are supported)" if others else ""
             raise MergeError(f"model '{reference}' has no safetensors weights in '{folder}'{extra}")
         tensors: dict[str, TensorInfo] = {}
         for file in files:

@@ -1,0 +1,139 @@
+"""More model sources: PyTorch .bin checkpoints (safely), LoRA adapters applied on the fly,
+and LoRA extraction."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import load_tensors, run_cli
+from merging import MergeError, merge
+from merging.checkpoint import Checkpoint
+
+
+def _copy_small_files(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if not file.name.endswith(".safetensors"):
+            shutil.copy(file, target / file.name)
+
+
+@pytest.fixture(scope="module")
+def bin_model(tiny, tmp_path_factory) -> Path:
+    """The tiny c1 child saved as a .bin checkpoint (zip format) instead of safetensors."""
+    folder = tmp_path_factory.mktemp("bin") / "c1-bin"
+    _copy_small_files(tiny["c1"], folder)
+    torch.save(load_tensors(tiny["c1"]), folder / "pytorch_model.bin")
+    return folder
+
+
+def slerp(a, b, t=0.3) -> str:
+    return f"models:\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\nparameters:\n  t: {t}\ndtype: float32\n"
+
+
+def test_a_bin_checkpoint_merges_as_its_safetensors_twin(tiny, bin_model, tmp_path):
+    from_bin = load_tensors(merge(slerp(tiny.path("base"), bin_model), tmp_path / "a"))
+    from_safetensors = load_tensors(merge(slerp(tiny.path("base"), tiny.path("c1")), tmp_path / "b"))
+    assert from_bin.keys() == from_safetensors.keys()
+    assert all(torch.equal(from_bin[k], from_safetensors[k]) for k in from_bin)
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, (f"touch {Path(os.environ['PAYLOAD_MARKER'])}",)
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_bin_that_needs_arbitrary_unpickling_is_refused_and_never_run(tiny, tmp_path, monkeypatch, writer):
+    marker = tmp_path / "payload-ran"
+    monkeypatch.setenv("PAYLOAD_MARKER", str(marker))
+    folder = tmp_path / "evil"
+    _copy_small_files(tiny["c1"], folder)
+    state = {"model.norm.weight": Payload()}
+    if writer == "pickle":
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps(state))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    result = run_cli(write_config(tmp_path, slerp(tiny.path("base"), folder)), tmp_path / "out")
+    assert result.returncode == 2
+    assert "holds Python objects besides tensors; loading it could run arbitrary code, so it is refused" \
+        in result.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny, tmp_path_factory):
+    """A LoRA adapter made with peft on the tiny base (random B, per-module rank and alpha,
+    an embedding LoRA and lm_head saved whole), and the base with it merged by peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("lora")
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                        modules_to_save=["lm_head"], rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 6})
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name or "modules_to_save" in name:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    peft_model.save_pretrained(root / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(root / "peft-merged")
+    return root / "adapter", root / "peft-merged"
+
+
+def test_an_adapter_on_the_fly_equals_the_model_peft_merged(tiny, adapter, tmp_path):
+    folder, peft_merged = adapter
+    expected = load_tensors(peft_merged)
+    for reference in (f"{tiny.path('base')}+{folder}", str(folder)):  # mergekit's syntax, and the folder alone
+        checkpoint = Checkpoint.open(reference)
+        assert len(checkpoint.updates) == 13 and sorted(checkpoint.replacements) == ["lm_head.weight",
+                                                                                        "model.embed_tokens.weight"]
+        for name, tensor in expected.items():
+            assert torch.allclose(checkpoint.read(name).float(), tensor, atol=1e-6), name
+    # in a merge: slerp between the base and the adapted model at t=1 is the adapted model
+    ours = load_tensors(merge(slerp(tiny.path("base"), f"{tiny.path('base')}+{folder}", t=1.0), tmp_path / "m"))
+    assert all(torch.allclose(ours[k], expected[k], atol=1e-6) for k in expected)
+    assert not list(tmp_path.glob("m/*adapter*"))  # nothing of the adapter materialized on disk
+
+
+def test_adapter_errors_name_the_problem(tiny, adapter, tmp_path):
+    folder, _ = adapter
+    with pytest.raises(MergeError, match="is not a LoRA adapter folder"):
+        Checkpoint.open(f"{tiny.path('base')}+{tiny.path('c1')}")
+    with pytest.raises(MergeError, match="which its base model does not have"):
+        Checkpoint.open(f"{tiny.path('tied')}+{folder}")  # a tied model has no lm_head to replace
+
+
+def test_extract_lora_recovers_a_low_rank_fine_tune(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run_cli("extract-lora", tiny.path("c2"), tiny.path("base"), tmp_path / "lora", "--rank", "2")
+    assert result.returncode == 0, result.stderr
+    assert "keeping 100.0% of their difference's energy" in result.stderr
+    assert "not in the adapter" in result.stderr  # c2 also changed its norms and embeddings
+    base = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    restored = dict(PeftModel.from_pretrained(base, tmp_path / "lora").merge_and_unload().named_parameters())
+    target = dict(AutoModelForCausalLM.from_pretrained(tiny["c2"]).named_parameters())
+    linear = [n for n in target if n.endswith("_proj.weight")]
+    assert len(linear) == 28
+    assert max((restored[n] - target[n]).abs().max().item() for n in linear) < 1e-5
+    one = run_cli("extract-lora", tiny.path("c1"), tiny.path("base"), tmp_path / "lora1", "--rank", "1")
+    assert one.returncode == 0 and "keeping" in one.stderr  # a full-rank delta: part of its energy
+    wrong = run_cli("extract-lora", tiny.path("wide"), tiny.path("base"), tmp_path / "bad", "--rank", "2")
+    assert wrong.returncode == 2 and "is not a fine-tune of this base" in wrong.stderr
+    assert not (tmp_path / "bad").exists()
