@@ -99,15 +99,19 @@ class Checkpoint:
         self._maps: dict[Path, mmap.mmap] = {}
         self._layers: Optional[dict[int, list[str]]] = None
         self._files: dict[Path, object] = {}
+        self.warnings: list[str] = []  # what a merge of this model should say (quantization, ...)
 
     # ---- opening ------------------------------------------------------------------
     @staticmethod
     def open(reference: str, download_weights: bool = True) -> "Checkpoint":
-        from .lora import is_adapter_folder, open_lora  # lora builds on this module: imported here
+        from .gguf_source import GGUFCheckpoint, gguf_file  # these build on this module: imported here
+        from .lora import is_adapter_folder, open_lora
 
         folder = Path(reference).expanduser()
         if ("+" in reference and not folder.exists()) or (folder.is_dir() and is_adapter_folder(folder)):
             return open_lora(reference, download_weights)
+        if gguf_file(reference) is not None:
+            return GGUFCheckpoint(reference, gguf_file(reference))
         if folder.is_dir():
             return Checkpoint.from_folder(folder, reference)
         if folder.suffix in (".safetensors", ".gguf", ".bin") or folder.exists():

@@ -120,6 +120,7 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
     for name in config.referenced_models():
         if name not in checkpoints:
             raise MergeError(f"model '{name}' was not opened")
+        warnings.extend(getattr(checkpoints[name], "warnings", []))
     slices = normalized_slices(config, checkpoints)
     reference_name = config.base_model or slices[0].sources[0].model
     reference = checkpoints[reference_name]

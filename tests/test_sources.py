@@ -137,3 +137,22 @@ def test_extract_lora_recovers_a_low_rank_fine_tune(tiny, tmp_path):
     wrong = run_cli("extract-lora", tiny.path("wide"), tiny.path("base"), tmp_path / "bad", "--rank", "2")
     assert wrong.returncode == 2 and "is not a fine-tune of this base" in wrong.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("quantization,tolerance", [("F32", 0.0), ("F16", 1e-3), ("Q8_0", 2e-2)])
+def test_a_gguf_merges_like_its_original_within_the_quantization_error(tiny, tmp_path, monkeypatch,
+                                                                       quantization, tolerance):
+    from tiny_models import write_gguf
+
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    gguf_path = write_gguf(tiny["c1"], tmp_path / f"c1.{quantization}.gguf", quantization)
+    result = run_cli(write_config(tmp_path, slerp(tiny.path("base"), gguf_path, t=0.5)), tmp_path / "from-gguf")
+    assert result.returncode == 0, result.stderr
+    assert ("carries its quantization error" in result.stderr) == (quantization == "Q8_0")
+    ours = load_tensors(tmp_path / "from-gguf")
+    reference = load_tensors(merge(slerp(tiny.path("base"), tiny.path("c1"), t=0.5), tmp_path / "from-original"))
+    assert ours.keys() == reference.keys()
+    worst = max(((ours[k] - reference[k]).abs().max() / reference[k].abs().max()).item() for k in reference)
+    assert worst <= tolerance, worst
+    checkpoint = Checkpoint.open(str(gguf_path))
+    assert checkpoint.config["num_hidden_layers"] == 4 and checkpoint.config["model_type"] == "llama"

@@ -95,3 +95,59 @@ def make_trained(base: Path, folder: Path, texts: list[str], steps: int = 30, se
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def write_gguf(model_folder: Path, path: Path, quantization: str = "F32") -> Path:
+    """A tiny Llama folder written as a GGUF file with the gguf package's writer, as
+    llama.cpp's converter lays it out (GGUF names, q/k rows permuted for its rotary
+    layout); every matrix stored as `quantization` (F32, F16 or Q8_0), vectors as F32."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(model_folder) / "config.json").read_text())
+    layers, heads, kv_heads = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_block_count(layers)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(config["vocab_size"])])
+    writer.add_token_types([1] * config["vocab_size"])
+    writer.add_token_merges([])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+
+    def permute(weights, n_head):
+        return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+                .swapaxes(1, 2).reshape(weights.shape))
+
+    for name, tensor in load_file(Path(model_folder) / "model.safetensors").items():
+        data = tensor.float().numpy()
+        if "q_proj" in name:
+            data = permute(data, heads)
+        elif "k_proj" in name:
+            data = permute(data, kv_heads)
+        gguf_name = names.get_name(name.removesuffix(".weight")) + ".weight"
+        if data.ndim == 1 or quantization == "F32":
+            writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+        elif quantization == "F16":
+            writer.add_tensor(gguf_name, data.astype(np.float16))
+        else:
+            kind = gguf.GGMLQuantizationType[quantization]
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
