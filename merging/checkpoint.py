@@ -158,6 +158,13 @@ class Checkpoint:
         """False for a hub model known only by its headers (weights not downloaded yet)."""
         return all(info.file is not None for info in self.tensors.values())
 
+    def fetched(self) -> "Checkpoint":
+        """This model with its weights on disk: a hub model checked by its headers is
+        downloaded now; anything else is itself."""
+        if self.folder is None or self.has_weights:
+            return self
+        return Checkpoint.open(self.reference, download_weights=True)
+
     def has(self, name: str) -> bool:
         return name in self.tensors
 

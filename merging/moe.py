@@ -310,8 +310,7 @@ def build_moe(config, out_dir: Union[str, Path], device: str = "auto", *, seed: 
     resolve_device(device)
     plan = plan or plan_moe(config, allow_identical_experts=allow_identical_experts)
     for reference, checkpoint in plan.checkpoints.items():  # hub models checked by headers: fetch now
-        if not checkpoint.has_weights:
-            plan.checkpoints[reference] = Checkpoint.open(reference, download_weights=True)
+        plan.checkpoints[reference] = checkpoint.fetched()
     routers = compute_routers(plan, device, seed, progress)
     plan.warnings.extend(router_warnings(routers))
     entries = [(t.name, plan.out_dtype, t.shape) for t in plan.tensors]

@@ -34,8 +34,7 @@ def open_checkpoints(config: MergeConfig, known: Optional[dict[str, Checkpoint]]
 def fetch_weights(plan: MergePlan) -> None:
     """Download the weights of hub models the plan was checked against by their headers."""
     for name, checkpoint in plan.checkpoints.items():
-        if checkpoint.folder is not None and not checkpoint.has_weights:
-            plan.checkpoints[name] = Checkpoint.open(name, download_weights=True)
+        plan.checkpoints[name] = checkpoint.fetched()
 
 
 def plan_stages(config) -> list[MergePlan]:
@@ -111,6 +110,13 @@ def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[
         folder_files.write_config(temporary, plan.out_config)
         donor = plan.checkpoints[plan.tokenizer_donor].folder if plan.tokenizer_donor else None
         folder_files.copy_model_files(temporary, donor)
+        if plan.vocabulary is not None and plan.vocabulary.new_tokens:  # union: the donor's plus the new tokens
+            from transformers import AutoTokenizer
+
+            from .vocabulary import extend_tokenizer
+
+            tokenizer = extend_tokenizer(AutoTokenizer.from_pretrained(donor), plan.vocabulary.new_tokens)
+            tokenizer.save_pretrained(temporary)
         if config.chat_template:
             folders = [plan.checkpoints[m].folder for m in config.referenced_models()]
             template = folder_files.resolve_chat_template(config.chat_template, folders)

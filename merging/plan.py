@@ -64,6 +64,7 @@ class MergePlan:
     num_layers: int
     tokenizer_donor: Optional[str]
     warnings: list[str] = field(default_factory=list)
+    vocabulary: Optional[object] = None  # a VocabularyAlignment when the models' vocabularies differ
 
     @property
     def output_bytes(self) -> int:
@@ -134,7 +135,8 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
 
     out_dtype_name = config.out_dtype or config.dtype
     donor = _tokenizer_donor(config, slices)
-    vocab_rows = _vocabulary_rows(config, checkpoints, slices, donor, warnings)
+    checkpoints, alignment = _align_vocabularies(config, checkpoints, donor, warnings)
+    vocab_rows = None if alignment else _vocabulary_rows(config, checkpoints, slices, donor, warnings)
     builder = _TaskBuilder(config, method, checkpoints, out_dtype_name, vocab_rows, donor)
 
     first, last = slices[0], slices[-1]
@@ -179,11 +181,13 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
         out_config["dtype"] = out_dtype_name
     if vocab_rows is not None and "vocab_size" in out_config:
         out_config["vocab_size"] = vocab_rows
+    if alignment is not None:
+        out_config["vocab_size"] = alignment.rows
     for kind in ("max_window_layers",):  # Qwen2 counts sliding-window layers from the bottom
         if isinstance(out_config.get(kind), int) and out_config[kind] > out_layer:
             out_config[kind] = out_layer
     return MergePlan(config, method, checkpoints, builder.tasks, out_config, out_layer, donor,
-                     warnings + builder.warnings)
+                     warnings + builder.warnings, vocabulary=alignment)
 
 
 def normalized_slices(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> list[OutputSlice]:
@@ -235,16 +239,40 @@ def _outside_names(output_slice: OutputSlice, checkpoints: dict[str, Checkpoint]
     return list(names)
 
 
-def _tokenizer_donor(config: MergeConfig, slices: list[OutputSlice]) -> Optional[str]:
-    source = config.tokenizer_source
+def _tokenizer_source(config: MergeConfig) -> Optional[str]:
     if isinstance(config.tokenizer, dict):
-        source = config.tokenizer.get("source", source)
-    if source == "union":
-        raise MergeError("tokenizer_source: union is not supported yet; use base or a model name")
+        return config.tokenizer.get("source", config.tokenizer_source)
+    return config.tokenizer_source
+
+
+def _align_vocabularies(config: MergeConfig, checkpoints: dict[str, Checkpoint], donor: str,
+                        warnings: list[str]):
+    """Models whose vocabularies differ, wrapped to read their token rows in the output
+    vocabulary's order (see merging.vocabulary); unchanged when they agree."""
+    from .vocabulary import AlignedCheckpoint, align_vocabularies
+
+    models = config.referenced_models()
+    inner = {m: c.inner if isinstance(c, AlignedCheckpoint) else c for m, c in checkpoints.items()}
+    union = _tokenizer_source(config) == "union"
+    base = config.base_model or donor
+    alignment = align_vocabularies(inner, models, base, donor, union)
+    if alignment is None:
+        return inner, None
+    added = f", {len(alignment.new_tokens)} tokens added to '{donor}'s" if union else f" of '{donor}'"
+    warnings.append(f"vocabularies differ: embedding and lm_head rows matched by token onto the vocabulary"
+                    f"{added} ({alignment.rows} rows; a token a model lacks takes the base's row, else the "
+                    "only model's that has it, else their mean)")
+    shared = dict(inner)
+    return {m: AlignedCheckpoint(shared[m], m, alignment, shared) if m in models else c
+            for m, c in inner.items()}, alignment
+
+
+def _tokenizer_donor(config: MergeConfig, slices: list[OutputSlice]) -> Optional[str]:
+    source = _tokenizer_source(config)
     unsupported = sorted(set(config.tokenizer or {}) - {"source"})
     if unsupported:
         raise MergeError(f"tokenizer.{unsupported[0]} is not supported yet; only tokenizer.source is")
-    if source in (None, "base"):
+    if source in (None, "base", "union"):
         return config.base_model or slices[0].sources[0].model
     if source not in config.referenced_models():
         raise MergeError(f"tokenizer_source '{source}' is not one of the config's models")

@@ -93,8 +93,9 @@ BAD_CONFIGS = {
     "unequal slice sources": ("slices:\n  - sources:\n      - model: {c1}\n        layer_range: [0, 2]\n"
                               "      - model: {c2}\n        layer_range: [0, 3]\nmerge_method: linear\n",
                               "same number of layers"),
-    "union tokenizer": ("models:\n  - model: {c1}\n    parameters: {{weight: 1}}\nmerge_method: linear\n"
-                        "tokenizer_source: union\n", "union is not supported yet"),
+    "tokenizer overrides": ("models:\n  - model: {c1}\n    parameters: {{weight: 1}}\nmerge_method: linear\n"
+                            "tokenizer:\n  source: union\n  tokens: {{x: {{source: {c1}}}}}\n",
+                            "tokenizer.tokens is not supported yet"),
     "stage cycle": ("name: a\nmodels:\n  - model: b\nmerge_method: passthrough\n---\nname: b\nmodels:\n"
                     "  - model: a\nmerge_method: passthrough\n", "cycle"),
 }
@@ -157,7 +158,7 @@ def test_vocabulary_mismatch_is_reported_and_cut_to_the_base(tiny, tmp_path):
             "    parameters: {{weight: 0.5}}\nmerge_method: task_arithmetic\nbase_model: {base}\n")
     result = run_cli(write_config(tmp_path, text, tiny), tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert "vocabulary sizes differ" in result.stderr
+    assert "vocabularies differ: embedding and lm_head rows matched by token" in result.stderr
     merged = load_tensors(tmp_path / "out")
     child = load_tensors(tiny["more_vocab"])
     base, c1 = load_tensors(tiny["base"]), load_tensors(tiny["c1"])

@@ -156,3 +156,69 @@ def test_a_gguf_merges_like_its_original_within_the_quantization_error(tiny, tmp
     assert worst <= tolerance, worst
     checkpoint = Checkpoint.open(str(gguf_path))
     assert checkpoint.config["num_hidden_layers"] == 4 and checkpoint.config["model_type"] == "llama"
+
+
+def _with_added_tokens(base: Path, folder: Path, tokens: list[str], seed: int) -> Path:
+    """The base with `tokens` added to its tokenizer and seeded rows for them (and all
+    weights nudged), as fine-tunes that add tokens are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(tokens)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def token_family(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    return (tiny["base"], _with_added_tokens(tiny["base"], root / "x", ["<tool>", "<think>"], seed=11),
+            _with_added_tokens(tiny["base"], root / "y", ["<think>", "<code>"], seed=12))
+
+
+def test_vocabulary_union_maps_every_models_rows_by_token(token_family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, x, y = token_family
+    recipe = (f"models:\n  - model: {base}\n  - model: {x}\n  - model: {y}\nmerge_method: linear\n"
+              f"parameters: {{weight: 1}}\nbase_model: {base}\ntokenizer_source: union\ndtype: float32\n")
+    result = run_cli(write_config(tmp_path, recipe), tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "3 tokens added" in result.stderr
+    merged = load_tensors(tmp_path / "out")["model.embed_tokens.weight"]
+    b, ex, ey = (load_tensors(m)["model.embed_tokens.weight"] for m in (base, x, y))
+    assert merged.shape[0] == 99  # 96 + <tool> and <think> (from x) + <code> (from y)
+    assert torch.allclose(merged[:96], (b + ex[:96] + ey[:96]) / 3, atol=1e-6)
+    # <tool>: only x has it, so the base and y take x's row
+    assert torch.allclose(merged[96], ex[96], atol=1e-6)
+    # <think>: x (row 97) and y (row 96) have it, the base does not: the base takes their mean
+    assert torch.allclose(merged[97], (ex[97] + ey[96] + (ex[97] + ey[96]) / 2) / 3, atol=1e-6)
+    # <code>: only y has it (row 97)
+    assert torch.allclose(merged[98], ey[97], atol=1e-6)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.convert_tokens_to_ids(["<tool>", "<think>", "<code>"]) == [96, 97, 98]
+    assert tokenizer("the <code> cat")["input_ids"][-2:] == [98, tokenizer.convert_tokens_to_ids("cat")]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.vocab_size == 99 and model.lm_head.weight.shape[0] == 99
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 96, 97, 98]])).logits.shape == (1, 4, 99)
+
+
+def test_a_models_vocabulary_is_matched_by_token_not_by_position(token_family, tmp_path):
+    base, x, y = token_family
+    recipe = (f"models:\n  - model: {x}\n  - model: {y}\nmerge_method: linear\nparameters: {{weight: 1}}\n"
+              f"tokenizer:\n  source: {y}\ndtype: float32\n")
+    result = run_cli(write_config(tmp_path, recipe), tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    merged = load_tensors(tmp_path / "out")["model.embed_tokens.weight"]
+    ex, ey = (load_tensors(m)["model.embed_tokens.weight"] for m in (x, y))
+    assert merged.shape[0] == 98  # y's vocabulary: <think> at 96, <code> at 97
+    assert torch.allclose(merged[96], (ex[97] + ey[96]) / 2, atol=1e-6)  # x's <think> is its row 97
+    assert torch.allclose(merged[97], ey[97], atol=1e-6)  # x lacks <code>: y's row, the only one
