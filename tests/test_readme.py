@@ -16,7 +16,9 @@ def test_every_method_is_in_the_readme_table():
 
 
 def test_every_cli_option_is_documented():
-    for action in build_parser()._actions:
+    from merging.__main__ import extract_parser
+
+    for action in build_parser()._actions + extract_parser()._actions:
         for option in action.option_strings:
             if option.startswith("--") and option != "--help":
                 assert f"`{option}`" in README, option

@@ -222,3 +222,15 @@ def test_a_models_vocabulary_is_matched_by_token_not_by_position(token_family, t
     assert merged.shape[0] == 98  # y's vocabulary: <think> at 96, <code> at 97
     assert torch.allclose(merged[96], (ex[97] + ey[96]) / 2, atol=1e-6)  # x's <think> is its row 97
     assert torch.allclose(merged[97], ey[97], atol=1e-6)  # x lacks <code>: y's row, the only one
+
+
+def test_public_deployments_check_both_sides_of_base_plus_adapter(tiny, adapter, monkeypatch):
+    from merging import load_config
+    from ui.recipe_panel import refuse_local_paths
+
+    monkeypatch.setenv("MERGELAB_PUBLIC", "1")
+    hub_only = load_config("models:\n  - model: org/base+org/adapter\nmerge_method: passthrough\n")
+    refuse_local_paths(hub_only)  # hub ids on both sides: allowed
+    local_adapter = load_config(f"models:\n  - model: org/base+{adapter[0]}\nmerge_method: passthrough\n")
+    with pytest.raises(MergeError, match="local paths are disabled on a public deployment"):
+        refuse_local_paths(local_adapter)

@@ -66,11 +66,12 @@ def refuse_local_paths(config) -> None:
     allowed = allowed_folder()
     for stage in stages:
         for model in stage.referenced_models():
-            local = Path(model).expanduser()
-            if model in names or (HUB_ID.match(model) and not local.exists()):
-                continue
-            if not local.resolve().is_relative_to(allowed):
-                raise MergeError(f"model '{model}': local paths are disabled on a public deployment")
+            for part in model.split("+"):  # base+adapter: each side on its own
+                local = Path(part).expanduser()
+                if part in names or (HUB_ID.match(part) and not local.exists()):
+                    continue
+                if not local.resolve().is_relative_to(allowed):
+                    raise MergeError(f"model '{model}': local paths are disabled on a public deployment")
 
 
 def default_recipe(family: Optional[dict]) -> str:
