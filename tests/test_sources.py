@@ -234,3 +234,18 @@ def test_public_deployments_check_both_sides_of_base_plus_adapter(tiny, adapter,
     local_adapter = load_config(f"models:\n  - model: org/base+{adapter[0]}\nmerge_method: passthrough\n")
     with pytest.raises(MergeError, match="local paths are disabled on a public deployment"):
         refuse_local_paths(local_adapter)
+
+
+def test_the_app_merges_adapters_and_gguf_files(server, tiny, adapter, tmp_path):
+    """The lab takes the new sources as the command line does: a LoRA adapter and a GGUF
+    file, merged live (in the app's process) and answering in the arena."""
+    from gradio_client import Client
+    from tiny_models import write_gguf
+
+    gguf_path = write_gguf(tiny["c1"], tmp_path / "c1.gguf", "Q8_0")
+    recipe = (f"models:\n  - model: {tiny.path('base')}+{adapter[0]}\n  - model: {gguf_path}\n"
+              f"merge_method: linear\nparameters: {{weight: 0.5}}\ndtype: float32\n")
+    client = Client(server, verbose=False)
+    plan = client.predict(recipe, api_name="/check_recipe")
+    assert "output: 4 layers, 39 tensors" in plan and "carries its quantization error" in plan
+    assert "history #" in client.predict(recipe, api_name="/merge")
