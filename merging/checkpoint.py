@@ -127,14 +127,7 @@ class Checkpoint:
         index = folder / "model.safetensors.index.json"
         files = []
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError):
-                raise MergeError(f"'{index}' is not a valid safetensors index") from None
-            files = sorted({folder / name for name in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise MergeError(f"model '{reference}' is missing shard {missing[0]} named in its index")
+            files = shard_files(index, reference)
         elif (folder / "model.safetensors").is_file():
             files = [folder / "model.safetensors"]
         else:
@@ -236,6 +229,19 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.reference!r}, {len(self.tensors)} tensors)"
+
+
+def shard_files(index: Path, reference: str) -> list[Path]:
+    """The shards a checkpoint index (`*.index.json`) names, each checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError):
+        raise MergeError(f"'{index}' is not a valid checkpoint index") from None
+    files = sorted({index.parent / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise MergeError(f"model '{reference}' is missing shard {missing[0]} named in its index")
+    return files
 
 
 def read_config(folder: Path, reference: str) -> dict:

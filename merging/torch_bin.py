@@ -8,14 +8,13 @@ Zip-format files are memory-mapped (`mmap=True`), so tensors are read from disk 
 
 from __future__ import annotations
 
-import json
 import pickle
 import warnings
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import Checkpoint, TensorInfo, shard_files
 from .errors import MergeError
 
 INDEX_FILE = "pytorch_model.bin.index.json"
@@ -48,15 +47,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def bin_files(folder: Path, reference: str) -> list[Path]:
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise MergeError(f"'{index}' is not a valid checkpoint index") from None
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise MergeError(f"model '{reference}' is missing shard {missing[0]} named in its index")
-        return files
+        return shard_files(index, reference)
     return sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("*.bin"))
 
 

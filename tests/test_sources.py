@@ -36,11 +36,27 @@ def slerp(a, b, t=0.3) -> str:
     return f"models:\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\nparameters:\n  t: {t}\ndtype: float32\n"
 
 
+def _sharded_bin(tiny, folder: Path) -> Path:
+    """c1 as two .bin shards and their index, as older checkpoints on the hub are."""
+    import json
+
+    _copy_small_files(tiny["c1"], folder)
+    tensors = load_tensors(tiny["c1"])
+    names = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, part in shards.items():
+        torch.save({n: tensors[n] for n in part}, folder / file)
+    weight_map = {n: file for file, part in shards.items() for n in part}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
 def test_a_bin_checkpoint_merges_as_its_safetensors_twin(tiny, bin_model, tmp_path):
-    from_bin = load_tensors(merge(slerp(tiny.path("base"), bin_model), tmp_path / "a"))
     from_safetensors = load_tensors(merge(slerp(tiny.path("base"), tiny.path("c1")), tmp_path / "b"))
-    assert from_bin.keys() == from_safetensors.keys()
-    assert all(torch.equal(from_bin[k], from_safetensors[k]) for k in from_bin)
+    for index, model in enumerate((bin_model, _sharded_bin(tiny, tmp_path / "sharded"))):
+        from_bin = load_tensors(merge(slerp(tiny.path("base"), model), tmp_path / f"a{index}"))
+        assert from_bin.keys() == from_safetensors.keys()
+        assert all(torch.equal(from_bin[k], from_safetensors[k]) for k in from_bin)
 
 
 class Payload:
