@@ -51,42 +51,63 @@ def _cache_folder(path: Path) -> Path:
 
 class GGUFCheckpoint(Checkpoint):
     def __init__(self, reference: str, path: Path):
-        from gguf import GGUFReader
-        from transformers import AutoModelForCausalLM, CONFIG_MAPPING
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
-
         folder = _cache_folder(path)
         try:
             if not (folder / "config.json").is_file():  # first use: derive config and tokenizer once
+                from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
                 parsed = load_gguf_checkpoint(str(path), return_tensors=False)
                 self._write_cache(folder, path, parsed["config"], reference)
-            self.reader = GGUFReader(str(path))
+            config = json.loads((folder / "config.json").read_text())
+            table = self._tensor_table(folder, path, config)
         except (ValueError, NotImplementedError, OSError, KeyError) as error:
             raise MergeError(f"'{reference}' is not a GGUF model transformers can read ({error})") from None
-        config = json.loads((folder / "config.json").read_text())
-        model_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(model_config)
-        architecture = self.reader.fields["general.architecture"].contents()
-        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
-        names = get_gguf_hf_weights_map(skeleton, self.processor)
-        shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
-        self.sources: dict[str, object] = {}
-        tensors, quantized = {}, set()
-        for tensor in self.reader.tensors:
-            name = names.get(tensor.name)
-            if name is None:
-                continue  # llama.cpp extras (e.g. rope frequencies) with no place in the model
-            kind = tensor.tensor_type.name
-            if kind not in EXACT_TYPES:
-                quantized.add(kind)
-            self.sources[name] = tensor
-            tensors[name] = TensorInfo(name, EXACT_TYPES.get(kind, torch.float32), shapes[name], path)
+        tensors = {name: TensorInfo(name, EXACT_TYPES.get(kind, torch.float32), tuple(shape), path)
+                   for name, (_, shape, kind) in table["tensors"].items()}
         super().__init__(reference, folder, config, tensors)
-        self.path = path
-        self.warnings = ([f"model '{reference}' is quantized ({', '.join(sorted(quantized))}): the merge carries its "
+        self.path, self.table, self._reader, self._processor = path, table, None, None
+        quantized = sorted({kind for _, _, kind in table["tensors"].values() if kind not in EXACT_TYPES})
+        self.warnings = ([f"model '{reference}' is quantized ({', '.join(quantized)}): the merge carries its "
                           "quantization error"] if quantized else [])
+
+    @staticmethod
+    def _tensor_table(folder: Path, path: Path, config: dict) -> dict:
+        """{"architecture", "tensors": {HF name: [GGUF name, shape, GGUF type]}}, worked out
+        once (transformers' name map over a meta-device model) and cached beside the config,
+        so that later opens (every plan of a live session) read a small JSON file."""
+        cached = folder / "tensors.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        from gguf import GGUFReader
+        from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map)
+
+        reader = GGUFReader(str(path))
+        architecture = reader.fields["general.architecture"].contents()
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(CONFIG_MAPPING[config["model_type"]].from_dict(config))
+        names = get_gguf_hf_weights_map(skeleton, TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config))
+        shapes = {name: list(t.shape) for name, t in skeleton.state_dict().items()}
+        table = {"architecture": architecture, "tensors": {
+            names[t.name]: [t.name, shapes[names[t.name]], t.tensor_type.name]
+            for t in reader.tensors if t.name in names}}  # llama.cpp extras (rope frequencies) have no place
+        temporary = cached.with_suffix(".partial")
+        temporary.write_text(json.dumps(table))
+        temporary.replace(cached)
+        return table
+
+    def _source(self, name: str):
+        """The GGUF tensor behind `name`, from a reader opened on first use (memory-mapped)."""
+        if self._reader is None:
+            from gguf import GGUFReader
+            from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+            reader = GGUFReader(str(self.path))
+            self._by_name = {t.name: t for t in reader.tensors}
+            self._processor = TENSOR_PROCESSORS.get(self.table["architecture"], TensorProcessor)(config=self.config)
+            self._reader = reader
+        return self._by_name[self.table["tensors"][name][0]]
 
     @staticmethod
     def _write_cache(folder: Path, path: Path, values: dict, reference: str) -> None:
@@ -115,9 +136,9 @@ class GGUFCheckpoint(Checkpoint):
     def read(self, name: str) -> torch.Tensor:
         from gguf import dequantize
 
-        tensor = self.sources[name]
+        tensor = self._source(name)
         weights = dequantize(tensor.data, tensor.tensor_type)
-        weights = self.processor.process(weights=weights, name=tensor.name).weights
+        weights = self._processor.process(weights=weights, name=tensor.name).weights
         result = torch.from_numpy(np.array(weights, copy=True))
         if result.dtype == torch.float64:
             result = result.float()
@@ -127,4 +148,4 @@ class GGUFCheckpoint(Checkpoint):
         pass  # numpy's memory map of the file; the kernel pages it as it likes
 
     def close(self) -> None:
-        self.sources.clear()
+        self._reader = None
