@@ -28,13 +28,22 @@ from .errors import MergeError
 MISSING = -1
 
 
+_VOCABULARIES: dict = {}  # (folder, tokenizer file digest) -> vocabulary: live sessions re-plan often
+
+
 def read_vocabulary(checkpoint: Checkpoint) -> Optional[tuple[dict[str, int], dict[str, bool]]]:
     """The tokenizer's token -> id map and, for added tokens, whether each is special; None
     when the model has no tokenizer files."""
-    folder = checkpoint.folder
-    if folder is None or not any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer.model",
-                                                                          "vocab.json")):
+    fingerprint = _tokenizer_fingerprint(checkpoint)
+    if fingerprint is None:
         return None
+    key = (str(checkpoint.folder), fingerprint)
+    if key not in _VOCABULARIES:
+        _VOCABULARIES[key] = _load_vocabulary(checkpoint.folder)
+    return _VOCABULARIES[key]
+
+
+def _load_vocabulary(folder) -> Optional[tuple[dict[str, int], dict[str, bool]]]:
     from transformers import AutoTokenizer
 
     try:
