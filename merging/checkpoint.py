@@ -110,8 +110,9 @@ class Checkpoint:
         folder = Path(reference).expanduser()
         if ("+" in reference and not folder.exists()) or (folder.is_dir() and is_adapter_folder(folder)):
             return open_lora(reference, download_weights)
-        if gguf_file(reference) is not None:
-            return GGUFCheckpoint(reference, gguf_file(reference))
+        gguf = gguf_file(reference)
+        if gguf is not None:
+            return GGUFCheckpoint(reference, gguf)
         if folder.is_dir():
             return Checkpoint.from_folder(folder, reference)
         if folder.suffix in (".safetensors", ".gguf", ".bin") or folder.exists():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import random
 import sys
 import time
@@ -34,8 +33,9 @@ Progress = Optional[Callable[[float, str], None]]  # (fraction done, what) -> No
 
 
 def default_cache() -> Path:
-    root = os.environ.get("MERGELAB_CACHE") or Path.home() / ".cache" / "mergelab"
-    return Path(root) / "demo"
+    from .folder import cache_root
+
+    return cache_root() / "demo"
 
 
 def gguf_path() -> Path:

@@ -1,8 +1,10 @@
-"""The files beside the weights: config.json, generation config, tokenizer, model card."""
+"""The files beside the weights: config.json, generation config, tokenizer, model card; and
+MergeLab's own cache folder."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -14,6 +16,12 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
                    "tokenizer.model", "added_tokens.json", "merges.txt", "vocab.json", "vocab.txt",
                    "chat_template.jinja", "chat_template.json")
 TEMPLATES = Path(__file__).parent / "chat_templates"
+
+
+def cache_root() -> Path:
+    """Where MergeLab keeps what it builds: demo models, GGUF-derived configs, the history
+    (`MERGELAB_CACHE`, else ~/.cache/mergelab)."""
+    return Path(os.environ.get("MERGELAB_CACHE") or Path.home() / ".cache" / "mergelab")
 
 
 def write_config(folder: Path, config: dict) -> None:

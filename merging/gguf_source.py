@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import MergeError
+from .folder import cache_root
 
 EXACT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -45,8 +45,7 @@ def gguf_file(reference: str) -> Path | None:
 def _cache_folder(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("MERGELAB_CACHE") or Path.home() / ".cache" / "mergelab")
-    return root / "gguf" / f"{path.stem}-{key}"
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
 class GGUFCheckpoint(Checkpoint):

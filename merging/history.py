@@ -14,7 +14,6 @@ session). SQLite with WAL journaling takes concurrent writers from the app's thr
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from contextlib import closing
@@ -54,8 +53,9 @@ class Entry:
 
 
 def default_path() -> Path:
-    root = os.environ.get("MERGELAB_CACHE") or Path.home() / ".cache" / "mergelab"
-    return Path(root) / "history.sqlite"
+    from .folder import cache_root
+
+    return cache_root() / "history.sqlite"
 
 
 def summarize(recipe: str) -> str:

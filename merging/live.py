@@ -171,10 +171,10 @@ class LiveMerge:
         if donor is None:
             return None
         tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=self.trust_remote_code)
-        if plan.vocabulary is not None and plan.vocabulary.new_tokens:
+        if plan.vocabulary is not None:
             from .vocabulary import extend_tokenizer
 
-            extend_tokenizer(tokenizer, plan.vocabulary.new_tokens)
+            extend_tokenizer(tokenizer, plan.vocabulary)
         if plan.config.chat_template:
             folders = [plan.checkpoints[m].folder for m in plan.config.referenced_models()]
             template = resolve_chat_template(plan.config.chat_template, folders)

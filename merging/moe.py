@@ -15,7 +15,7 @@ also loads the base model once, to run the prompts through it.
 
 from __future__ import annotations
 
-import zlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -29,7 +29,7 @@ from .config import load_config
 from .engine import resolve_device
 from .errors import MergeError
 from .moe_config import MoEConfig
-from .plan import TORCH_DTYPES, format_bytes
+from .plan import TORCH_DTYPES, format_bytes, tensor_seed
 from .writer import ShardedSafetensorsWriter, atomic_folder, check_output_folder
 
 DENSE_TYPES = ("llama", "mistral")  # dense models whose blocks are Mixtral's, MLP aside
@@ -72,11 +72,11 @@ class MoEPlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(_numel(t.shape) for t in self.tensors) * self.out_dtype.itemsize
+        return self.parameter_count * self.out_dtype.itemsize
 
     @property
     def parameter_count(self) -> int:
-        return sum(_numel(t.shape) for t in self.tensors)
+        return sum(math.prod(t.shape) for t in self.tensors)
 
     def summary(self) -> str:
         config = self.config
@@ -97,13 +97,6 @@ class MoEPlan:
                      f"{str(self.out_dtype).removeprefix('torch.')}, {format_bytes(self.output_bytes)}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _describe(config: MoEConfig, reference: str) -> str:
@@ -257,28 +250,23 @@ def compute_routers(plan: MoEPlan, device: str = "auto", seed: int = 0,
 
     config, base = plan.config, plan.base
     tokenizer = model = embeddings = None
-    if config.uses_prompts:
+    if config.gate_mode == "cheap_embed":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(base.folder)
-    if config.gate_mode == "cheap_embed":
-        name = next(n for n in base.tensors if "embed_tokens" in n)
-        embeddings = base.read(name)
+        embeddings = base.read(next(n for n in base.tensors if "embed_tokens" in n))
     elif config.uses_prompts:
-        from transformers import AutoModelForCausalLM
+        from .generation import load_model
 
         device = resolve_device(device)
         # float32 on CPU for exact directions while it fits; otherwise the stored dtype
         stored = next(iter(base.tensors.values())).dtype
         parameters = sum(info.numel for info in base.tensors.values())
         dtype = torch.float32 if device.type == "cpu" and parameters * 4 <= FLOAT32_LIMIT else stored
-        model = AutoModelForCausalLM.from_pretrained(base.folder, dtype=dtype).to(device).eval()
+        model, tokenizer = load_model(base.folder, dtype=dtype, device=device)
     report = (lambda done, total: progress("router prompts", done, total)) if progress else None
-    try:
-        return gate_vectors(config.gate_mode, config.experts, plan.num_layers, plan.hidden_size,
-                            tokenizer=tokenizer, model=model, embeddings=embeddings, seed=seed, progress=report)
-    finally:
-        del model
+    return gate_vectors(config.gate_mode, config.experts, plan.num_layers, plan.hidden_size,
+                        tokenizer=tokenizer, model=model, embeddings=embeddings, seed=seed, progress=report)
 
 
 def expert_tensor(plan: MoEPlan, task: MoETensor, seed: int) -> torch.Tensor:
@@ -289,8 +277,7 @@ def expert_tensor(plan: MoEPlan, task: MoETensor, seed: int) -> torch.Tensor:
         return tensor
     tensor = tensor.float()
     if expert.noise_scale:
-        # crc32, not hash(): the same seed must give the same noise in every process
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{task.expert}/{task.name}".encode()))
+        generator = torch.Generator().manual_seed(tensor_seed(seed, task.name))
         tensor = tensor + torch.randn(tensor.shape, generator=generator) * expert.noise_scale
     if expert.residual_scale is not None and "down_proj" in task.source_name:
         tensor = tensor * expert.residual_scale  # scales the expert's contribution to the residual

@@ -144,15 +144,6 @@ class MoEConfig:
     def uses_prompts(self) -> bool:
         return self.gate_mode in PROMPTED_MODES
 
-    def with_models_renamed(self, names: dict[str, str]) -> "MoEConfig":
-        import copy
-
-        changed = copy.deepcopy(self)
-        changed.base_model = names.get(changed.base_model, changed.base_model)
-        for expert in changed.experts:
-            expert.source_model = names.get(expert.source_model, expert.source_model)
-        return changed
-
     # ---- writing -----------------------------------------------------------------
     def to_dict(self) -> dict:
         data: dict[str, Any] = {"base_model": self.base_model, "gate_mode": self.gate_mode}

@@ -115,8 +115,7 @@ def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[
 
             from .vocabulary import extend_tokenizer
 
-            tokenizer = extend_tokenizer(AutoTokenizer.from_pretrained(donor), plan.vocabulary.new_tokens)
-            tokenizer.save_pretrained(temporary)
+            extend_tokenizer(AutoTokenizer.from_pretrained(donor), plan.vocabulary).save_pretrained(temporary)
         if config.chat_template:
             folders = [plan.checkpoints[m].folder for m in config.referenced_models()]
             template = folder_files.resolve_chat_template(config.chat_template, folders)

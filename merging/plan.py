@@ -49,9 +49,14 @@ class TensorTask:
         return count * self.out_dtype.itemsize
 
     def seed(self, base_seed: int) -> int:
-        """A seed for this tensor alone: the same settings give the same tensor, in any order."""
-        digest = hashlib.sha256(f"{base_seed}:{self.name}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+        return tensor_seed(base_seed, self.name)
+
+
+def tensor_seed(base_seed: int, name: str) -> int:
+    """A seed for one tensor alone: the same settings give the same tensor, in any order and
+    in every process."""
+    digest = hashlib.sha256(f"{base_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 @dataclass

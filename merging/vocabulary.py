@@ -64,12 +64,15 @@ class VocabularyAlignment:
     new_tokens: list[tuple[str, bool]] = field(default_factory=list)  # union: (token, special) to add
     _fills: dict = field(default_factory=dict, repr=False)
 
-    def fill_rows(self, name: str, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def fill_rows(self, name: str, read_all) -> tuple[torch.Tensor, torch.Tensor]:
         """(row ids, their rows) for every output row some model lacks: the base's row, else
-        the only model's that has it, else the mean of those that have it (zeros if none)."""
+        the only model's that has it, else the mean of those that have it (zeros if none).
+        `read_all()` gives every model's tensor; it is called once per tensor name, the first
+        time a model of the merge reads that tensor."""
         cached = self._fills.get(name)
         if cached is not None:
             return cached
+        raw = read_all()
         present = torch.stack([self.sources[m] != MISSING for m in self.sources])  # (models, rows)
         needed = (~present).any(0).nonzero().flatten()
         width = next(iter(raw.values())).shape[1:]
@@ -170,12 +173,13 @@ class AlignedCheckpoint(Checkpoint):
     def read(self, name: str) -> torch.Tensor:
         if not is_vocabulary_tensor(name) or name not in self.inner.tensors:
             return self.inner.read(name)
-        raw = {m: c.read(name) if c.has(name) else c.read(_tied(c, name)) for m, c in self.others.items()}
+        own = self.inner.read(name)
         source = self.alignment.sources[self.model]
-        out = torch.empty((self.alignment.rows,) + tuple(raw[self.model].shape[1:]))
+        out = torch.empty((self.alignment.rows,) + tuple(own.shape[1:]))
         present = source != MISSING
-        out[present] = raw[self.model][source[present]].float()
-        needed, fill = self.alignment.fill_rows(name, raw)
+        out[present] = own[source[present]].float()
+        needed, fill = self.alignment.fill_rows(name, lambda: {
+            m: c.read(name) if c.has(name) else c.read(_tied(c, name)) for m, c in self.others.items()})
         missing_here = source[needed] == MISSING
         out[needed[missing_here]] = fill[missing_here]
         return out
@@ -200,10 +204,11 @@ def _tied(checkpoint: Checkpoint, name: str) -> str:
     return alternative
 
 
-def extend_tokenizer(tokenizer, new_tokens: list[tuple[str, bool]]):
-    """The donor's tokenizer with the union's new tokens added, in order (ids follow on)."""
+def extend_tokenizer(tokenizer, alignment: Optional[VocabularyAlignment]):
+    """The donor's tokenizer with a union's new tokens added, in order (ids follow on);
+    unchanged without them."""
     from tokenizers import AddedToken
 
-    for token, special in new_tokens:
+    for token, special in alignment.new_tokens if alignment is not None else []:
         tokenizer.add_tokens([AddedToken(token, special=special, normalized=not special)], special_tokens=special)
     return tokenizer

@@ -15,6 +15,11 @@ except ImportError:
         return function
 
 
+def text_lines(text) -> list[str]:
+    """The non-empty lines of a text box, stripped."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
 def friendly(error: Exception) -> gr.Error:
     """A user's mistake as its own one line; anything else named as unexpected."""
     if isinstance(error, MergeError):

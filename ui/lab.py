@@ -15,6 +15,7 @@ from merging import MergeConfig, MultiStageConfig, load_config
 from merging.analysis import METRICS, diagnose_plan, heatmap
 from merging.evaluate import with_parameter
 from merging.generation import Sampling, stream
+from merging.layer_values import edit_range, expand, points_from_config, with_layer_points
 
 from . import layers
 from .builder import build_builder, short_name
@@ -221,7 +222,7 @@ def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, cou
     (setting t never changes the layer count, so the caller's count serves)."""
     points = [layers.parse_points(text, label) for text, label in
               ((attention, "attention"), (mlp, "MLP"), (other, "other"))]
-    changed = layers.with_layer_points(config, "t", *points)
+    changed = with_layer_points(config, "t", *points)
     return changed.to_yaml(), layers.values_figure(*points, count, _names(changed))
 
 
@@ -229,7 +230,7 @@ def read_layers(recipe: str):
     """The recipe's t as control points for attention, MLP and the rest, and their values."""
     try:
         config = _config(recipe)
-        points = layers.points_from_config(config, "t")
+        points = points_from_config(config, "t")
         figure = layers.values_figure(*points, _layer_count(config), _names(config))
         return (*[layers.format_points(p) for p in points], figure)
     except Exception as error:
@@ -249,7 +250,7 @@ def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, 
         texts = {"attention": attention, "MLP": mlp, "other": other}
         points = layers.parse_points(texts[module], module)
         texts[module] = layers.format_points(
-            layers.edit_range(layers.expand(points, count), operation, int(first), int(last), float(amount)))
+            edit_range(expand(points, count), operation, int(first), int(last), float(amount)))
         changed_recipe, figure = _write_points(config, texts["attention"], texts["MLP"], texts["other"], count)
         return texts["attention"], texts["MLP"], texts["other"], changed_recipe, figure
     except Exception as error:
@@ -305,7 +306,7 @@ def build_lab(family: Optional[dict]):
                 try:
                     count = _layer_count(_config(recipe_text))
                     texts = {"attention": attention_text, "MLP": mlp_text, "other": other_text}
-                    values = layers.expand(layers.parse_points(texts[module_name], module_name), count)
+                    values = expand(layers.parse_points(texts[module_name], module_name), count)
                 except Exception as error:
                     raise friendly(error) from None
                 sliders = []

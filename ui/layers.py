@@ -9,7 +9,7 @@ read one back from it.
 from __future__ import annotations
 
 from merging import MergeError
-from merging.layer_values import edit_range, expand, points_from_config, with_layer_points  # noqa: F401
+from merging.layer_values import expand
 
 PRESETS = {  # (attention, MLP, other) control points
     "flat 0.5": ([0.5], [0.5], [0.5]),

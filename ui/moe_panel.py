@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from merging.moe_config import GATE_MODES, Expert, MoEConfig
 
 from .builder import short_name
-from .common import friendly, gpu, read_recipe, remember
+from .common import friendly, gpu, read_recipe, remember, text_lines
 from .session import SESSIONS
 
 MAX_EXPERTS = 4
@@ -30,10 +30,6 @@ def _moe_config(recipe: str) -> MoEConfig:
     return read_recipe(recipe, MoEConfig, "this tab builds mixtures of experts: the recipe needs an 'experts' list")
 
 
-def _lines(text: Optional[str]) -> list[str]:
-    return [line.strip() for line in (text or "").splitlines() if line.strip()]
-
-
 def form_to_recipe(base: str, gate_mode: str, per_token: float, dtype: str, *slots) -> str:
     """The form as mergekit-moe YAML; slots are (model, positive, negative) per expert,
     and an empty model leaves its slot out."""
@@ -41,7 +37,7 @@ def form_to_recipe(base: str, gate_mode: str, per_token: float, dtype: str, *slo
     for index in range(0, len(slots), 3):
         model, positive, negative = slots[index:index + 3]
         if model and model.strip():
-            experts.append(Expert(model.strip(), _lines(positive), _lines(negative)))
+            experts.append(Expert(model.strip(), text_lines(positive), text_lines(negative)))
     if not base or not base.strip():
         raise gr.Error("pick a base model: attention, norms and embeddings come from it")
     if not experts:

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from merging import MergeConfig, MergeError
 
 from .builder import short_name
-from .common import friendly, gpu, read_recipe, remember
+from .common import friendly, gpu, read_recipe, remember, text_lines
 from .session import SESSIONS
 
 PROBE_SETS = ("json skill", "reverse skill")  # the demo family's held-out probes
@@ -51,11 +51,8 @@ def parameter_choices(recipe: str, quiet: bool = False):
 
 
 def _lines(text: Optional[str], upload: Optional[str]) -> list[str]:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if upload:
-        lines += [line.strip() for line in Path(upload).read_text(encoding="utf-8", errors="replace").splitlines()
-                  if line.strip()]
-    return lines
+    uploaded = Path(upload).read_text(encoding="utf-8", errors="replace") if upload else ""
+    return text_lines(text) + text_lines(uploaded)
 
 
 def _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count) -> dict:
