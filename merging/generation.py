@@ -2,8 +2,14 @@
 
 `generate` returns the whole answer; `stream` yields text pieces as they are produced
 and ends with a `Generation` holding the full text and the speed. Both apply the
-tokenizer's chat template, seed torch before generating (so models given the same
-seed and settings draw the same random numbers) and run without gradients.
+tokenizer's chat template and run without gradients.
+
+Every generation draws its random numbers from its own `torch.Generator` seeded with
+`Sampling.seed`, never from torch's global one: a server answering several requests at
+once gives the same tokens for the same seed and settings whatever else is running.
+transformers samples with `torch.multinomial` on the global generator, so sampling here
+is greedy decoding over logits the request's `GumbelSampler` has perturbed (exact, see
+there); greedy decoding (temperature 0) is plain greedy.
 """
 
 from __future__ import annotations
@@ -11,11 +17,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
+from .errors import MergeError
+
 Messages = Union[str, list[dict]]
+THREAD_NAME = "mergelab-generate"
+JOIN_SECONDS = 10.0  # a stopped generation ends within one forward pass; this bounds the wait
 
 
 @dataclass
@@ -40,15 +50,56 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int = 0
 
-    def generate_kwargs(self, tokenizer) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
-                  "pad_token_id": pad_id(tokenizer)}
+    def generate_kwargs(self, tokenizer, stop: Optional[threading.Event] = None, device="cpu") -> dict:
+        """Arguments for `model.generate`: always greedy over the processed logits, so the
+        model's own generation_config (SmolLM2's says do_sample=True) cannot bring back
+        sampling from the global generator. The repetition penalty is left to transformers
+        (it builds the same processor, before ours); the warpers and the noise are ours."""
+        from transformers import (LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper,
+                                  TopKLogitsWarper, TopPLogitsWarper)
+
+        processors = LogitsProcessorList()
         if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                          top_k=self.top_k or None)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
+            if self.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                processors.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(self.top_p))
+            processors.append(GumbelSampler(torch.Generator(device=device).manual_seed(self.seed)))
+        return {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
+                "pad_token_id": pad_id(tokenizer), "do_sample": False, "temperature": None, "top_p": None,
+                "top_k": None, "logits_processor": processors,
+                "stopping_criteria": StoppingCriteriaList([StopWhenSet(stop)] if stop is not None else [])}
+
+
+class GumbelSampler:  # a transformers LogitsProcessor, not subclassed so this module imports light
+    """Noise that makes greedy decoding an exact sample, drawn from one request's generator.
+
+        token = argmax_i (s_i + g_i),  g_i = -log(-log u_i),  u_i ~ U(0, 1) independent
+
+    is distributed as softmax(s) (the Gumbel-max trick), so with s the logits after the
+    repetition penalty, 1/T and the top-k/top-p warpers, greedy picks a sample of
+    softmax(s); tokens a warper removed stay at -inf and are never picked."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        uniform = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float32)
+        # u = 0 would give -inf noise; the smallest float keeps every token possible
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+        return scores + gumbel.to(scores.dtype)
+
+
+class StopWhenSet:  # a transformers StoppingCriteria
+    """Ends generation at the next token once `event` is set (the request went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def pad_id(tokenizer) -> int:
@@ -69,8 +120,9 @@ def pad_batch(sequences, value: int, left: bool = False) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def chat_inputs(tokenizer, messages: Messages, device) -> dict:
-    """Token ids for a conversation (a plain string is one user message)."""
+def chat_inputs(tokenizer, messages: Messages, device, max_prompt_tokens: Optional[int] = None) -> dict:
+    """Token ids for a conversation (a plain string is one user message); a prompt longer
+    than `max_prompt_tokens` is refused here, before any forward pass."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if tokenizer.chat_template:
@@ -79,48 +131,60 @@ def chat_inputs(tokenizer, messages: Messages, device) -> dict:
     else:  # base models without a template: the conversation as plain text
         text = "\n".join(m["content"] for m in messages)
         encoded = tokenizer(text, return_tensors="pt")
+    length = encoded["input_ids"].shape[1]
+    if max_prompt_tokens is not None and length > max_prompt_tokens:
+        raise MergeError(f"the prompt is {length} tokens; the limit is {max_prompt_tokens}")
     return {k: v.to(device) for k, v in encoded.items()}
 
 
-def generate(model, tokenizer, messages: Messages, sampling: Sampling = Sampling(), **overrides) -> Generation:
+def generate(model, tokenizer, messages: Messages, sampling: Sampling = Sampling(),
+             max_prompt_tokens: Optional[int] = None, **overrides) -> Generation:
     """The model's answer to `messages`."""
     result = None
-    for piece in stream(model, tokenizer, messages, sampling, **overrides):
+    for piece in stream(model, tokenizer, messages, sampling, max_prompt_tokens, **overrides):
         if isinstance(piece, Generation):
             result = piece
     return result
 
 
-def stream(model, tokenizer, messages: Messages, sampling: Sampling = Sampling(), **overrides
-           ) -> Iterator[Union[str, Generation]]:
-    """Text pieces as they are generated, then one final `Generation`."""
+def stream(model, tokenizer, messages: Messages, sampling: Sampling = Sampling(),
+           max_prompt_tokens: Optional[int] = None, **overrides) -> Iterator[Union[str, Generation]]:
+    """Text pieces as they are generated, then one final `Generation`.
+
+    The model runs in a thread named THREAD_NAME that ends with the stream: closing the
+    stream early (a cancelled request) stops generation at the next token and joins it."""
     from transformers import TextIteratorStreamer
 
     if overrides:
         sampling = Sampling(**{**sampling.__dict__, **overrides})
     device = next(model.parameters()).device
-    inputs = chat_inputs(tokenizer, messages, device)
+    inputs = chat_inputs(tokenizer, messages, device, max_prompt_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
+    kwargs = sampling.generate_kwargs(tokenizer, stop, device)
     outputs: dict = {}
 
     def run():
         try:
-            torch.manual_seed(sampling.seed)
             with torch.no_grad():
-                outputs["ids"] = model.generate(**inputs, **sampling.generate_kwargs(tokenizer), streamer=streamer)
+                outputs["ids"] = model.generate(**inputs, **kwargs, streamer=streamer)
         except BaseException as error:  # surface it in the caller's thread
             outputs["error"] = error
             streamer.end()
 
     started = time.perf_counter()
-    worker = threading.Thread(target=run, daemon=True)
+    worker = threading.Thread(target=run, name=THREAD_NAME, daemon=True)
     worker.start()
-    pieces = []
-    for piece in streamer:
-        if piece:
-            pieces.append(piece)
-            yield piece
-    worker.join()
+    try:
+        pieces = []
+        for piece in streamer:
+            if piece:
+                pieces.append(piece)
+                yield piece
+        worker.join()
+    finally:  # also when the consumer closes the stream early
+        stop.set()
+        worker.join(JOIN_SECONDS)
     if "error" in outputs:
         raise outputs["error"]
     new_tokens = outputs["ids"].shape[1] - inputs["input_ids"].shape[1]

@@ -168,16 +168,16 @@ class RoutedAnswer:
 
 
 @torch.no_grad()
-def generate_routed(model, tokenizer, messages, sampling=None) -> RoutedAnswer:
+def generate_routed(model, tokenizer, messages, sampling=None, max_prompt_tokens=None) -> RoutedAnswer:
     """Generate an answer, then read which experts each token was routed to (one more
-    forward pass over the whole sequence, which sees the same states generation did)."""
+    forward pass over the whole sequence, which sees the same states generation did).
+    Sampling draws from the request's own generator (see merging.generation)."""
     from .generation import Sampling, chat_inputs
 
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
-    inputs = chat_inputs(tokenizer, messages, device)
-    torch.manual_seed(sampling.seed)
-    ids = model.generate(**inputs, **sampling.generate_kwargs(tokenizer))[0]
+    inputs = chat_inputs(tokenizer, messages, device, max_prompt_tokens)
+    ids = model.generate(**inputs, **sampling.generate_kwargs(tokenizer, device=device))[0]
     prompt_length = inputs["input_ids"].shape[1]
     answer = ids[prompt_length:]
     if len(answer) and answer[-1].item() in _end_ids(tokenizer, model):
