@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import re
+import signal
 import sys
+import threading
 import time
 
 from pathlib import Path
@@ -87,11 +90,22 @@ def run_extract(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as the interruption Ctrl-C gives, so the same cleanup runs."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     extracting = bool(argv) and argv[0] == "extract-lora"
     parser = extract_parser() if extracting else build_parser()
     args = parser.parse_args(argv[1:] if extracting else argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return run_extract(args) if extracting else run(args)
     except MergeError as error:
@@ -99,25 +113,46 @@ def main(argv=None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(interruption, Terminated) else signal.SIGINT)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT) or args.verbose:
+            raise
+        print(f"error: the disk ran out of space while writing ({error.strerror}); nothing was written "
+              f"to {args.out_dir}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from .config import MultiStageConfig, load_config
+    from .config import load_config
     from .engine import resolve_device
-    from .moe_config import MoEConfig
-    from .pipeline import merge, plan_stages
-    from .plan import format_bytes
-    from .writer import check_output_folder
+    from .writer import check_output_folder, claim_folder
 
     config = load_config(args.config)
     resolve_device(args.device)
-    if not args.dry_run:
-        check_output_folder(Path(args.out_dir), args.overwrite)
+    if args.dry_run:
+        return run_config(args, config)
+    out_dir = Path(args.out_dir)
+    check_output_folder(out_dir, args.overwrite)
+    # Claimed before planning: a second run to OUT_DIR fails at once, and the leftovers of a
+    # killed run there are gone before free space is measured.
+    with claim_folder(out_dir):
+        return run_config(args, config)
+
+
+def run_config(args, config) -> int:
+    from tqdm import tqdm
+
+    from .config import MultiStageConfig
+    from .moe_config import MoEConfig
+    from .pipeline import merge, plan_stages
+    from .plan import format_bytes
+    from .writer import check_free_space
+
     if isinstance(config, MoEConfig):
         return run_moe(args, config)
     plans = plan_stages(config)
@@ -133,6 +168,10 @@ def run(args) -> int:
         print(f"dry run: all checks passed; nothing was written to {args.out_dir}")
         return 0
 
+    out_parent = Path(args.out_dir).resolve().parent
+    stages_parent = Path(args.intermediate_dir) if args.intermediate_dir else out_parent
+    check_free_space([(stages_parent, plan.disk_bytes) for plan in plans[:-1]]
+                     + [(out_parent, plans[-1].disk_bytes)])
     total = sum(len(plan.tasks) for plan in plans)
     started = time.perf_counter()
     with tqdm(total=total, unit="tensor", desc="merging", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -153,7 +192,8 @@ def run_moe(args, config) -> int:
     from tqdm import tqdm
 
     from .moe import build_moe, plan_moe
-    from .plan import format_bytes
+    from .plan import METADATA_MARGIN_BYTES, copied_files_bytes, format_bytes
+    from .writer import check_free_space
 
     plan = plan_moe(config, allow_identical_experts=args.allow_identical_experts)
     for warning in plan.warnings:
@@ -162,6 +202,8 @@ def run_moe(args, config) -> int:
         print(plan.summary())
         print(f"dry run: all checks passed; nothing was written to {args.out_dir}")
         return 0
+    needed = plan.output_bytes + copied_files_bytes(plan.base.folder) + METADATA_MARGIN_BYTES
+    check_free_space([(Path(args.out_dir).resolve().parent, needed)])
     started = time.perf_counter()
     known = len(plan.warnings)
     bars: dict[str, tqdm] = {}

@@ -11,7 +11,6 @@ import json
 import mmap
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -58,30 +57,87 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header: 8-byte little-endian length, then JSON."""
+    """Parse a safetensors header (8-byte little-endian length, then JSON) and check every
+    entry against the file before anything is read: a shape is believed only when the
+    bytes behind it are there, so a hostile header costs no memory."""
+    path = Path(path)
     try:
         with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100_000_000:
-                raise ValueError("header too large")
+            file_size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            length = int.from_bytes(prefix, "little")
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"a {length}-byte header is larger than safetensors allows")
+            if length > file_size - 8:
+                raise ValueError(f"its {length}-byte header runs past the end of the file")
             header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error) as error:
-        raise MergeError(f"'{path}' is not a readable safetensors file ({error})") from None
-    data_start = 8 + length
-    file_size = path.stat().st_size
+    except (OSError, ValueError, RecursionError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise MergeError(f"'{path}' is not a readable safetensors file ({reason})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"'{path}' is not a safetensors file: its header is not a JSON object")
+    data_start, data_size = 8 + length, file_size - 8 - length
     infos = {}
     for name, entry in header.items():
         if name == "__metadata__":
+            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise MergeError(f"'{path}' has a __metadata__ that is not a mapping of strings")
             continue
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise MergeError(f"tensor '{name}' in '{path}' has unsupported dtype {entry['dtype']}")
-        start, end = entry["data_offsets"]
-        if data_start + end > file_size:
-            raise MergeError(f"'{path}' is truncated: tensor '{name}' ends past the end of the file")
-        infos[name] = TensorInfo(name, dtype, tuple(entry["shape"]), path, data_start + start, data_start + end)
+        start, end, dtype, shape = _checked_entry(path, name, entry, data_size)
+        infos[name] = TensorInfo(name, dtype, shape, path, data_start + start, data_start + end)
+    _check_no_overlap(path, infos)
     return infos
+
+
+def _checked_entry(path: Path, name: str, entry, data_size: int):
+    """One header entry's byte range, dtype and shape, each checked, or one MergeError line."""
+    where = f"tensor {_quoted(name)} in '{path}'"
+    if not isinstance(entry, dict):
+        raise MergeError(f"{where} is described by a JSON {type(entry).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise MergeError(f"{where} has no '{key}' in the header")
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise MergeError(f"{where} has unsupported dtype {_quoted(entry['dtype'])}")
+    shape = entry["shape"]
+    if not (isinstance(shape, list) and all(type(size) is int and size >= 0 for size in shape)):
+        raise MergeError(f"{where} has shape {_quoted(shape)}, not a list of non-negative integers")
+    offsets = entry["data_offsets"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise MergeError(f"{where} has data_offsets {_quoted(offsets)}, not two integers 0 <= start <= end")
+    start, end = offsets
+    count = 1
+    for size in shape:  # Python integers: a [1e9, 1e9] claim is just a large number, not an allocation
+        count *= size
+    nbytes = count * dtype.itemsize
+    if end - start != nbytes:
+        raise MergeError(f"{where} claims shape {_quoted(shape)} of {entry['dtype']} ({nbytes} bytes) "
+                         f"over {end - start} bytes")
+    if end > data_size:
+        raise MergeError(f"'{path}' is truncated: tensor {_quoted(name)} ends past the end of the file")
+    return start, end, dtype, tuple(shape)
+
+
+def _check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
+    """Two tensors sharing bytes would alias each other's weights."""
+    spans = sorted((info.start, info.end, name) for name, info in infos.items() if info.end > info.start)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise MergeError(f"tensors {_quoted(first)} and {_quoted(second)} in '{path}' overlap")
+
+
+def _quoted(value, limit: int = 80) -> str:
+    """A header value for a one-line message: quoted, escaped, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Checkpoint:

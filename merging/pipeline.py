@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -13,7 +13,8 @@ from .config import MergeConfig, MultiStageConfig, load_config
 from .engine import Progress, resolve_device, run_plan
 from .errors import MergeError
 from .plan import MergePlan, plan_merge
-from .writer import ShardedSafetensorsWriter, atomic_folder, check_output_folder
+from .writer import (ShardedSafetensorsWriter, atomic_folder, check_output_folder, claim_folder,
+                     make_sibling_folder)
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
@@ -72,26 +73,34 @@ def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Opt
     if len(plans) == 1:
         return write_merge(plans[0], out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
 
-    keep = intermediate_dir is not None
-    work = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=".mergelab-stages-",
-                                                                     dir=out_dir.resolve().parent))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        written: dict[str, Checkpoint] = {}
-        for index, plan in enumerate(plans):
-            stage = plan.config
-            # swap the planned stand-ins for the folders the earlier stages wrote
-            plan.checkpoints.update({name: written[name] for name in plan.checkpoints if name in written})
-            if index == len(plans) - 1:
-                write_merge(plan, out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
-            else:  # an intermediate folder left by an earlier run is stale: replace it
-                target = work / stage.name
-                write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=True)
-                written[stage.name] = Checkpoint.from_folder(target, stage.name)
-        return out_dir
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+    # The claim is held across the stages (the final stage's atomic_folder re-enters it), so
+    # this run's stages folder, named like the output's other siblings, is never taken for stale.
+    with claim_folder(out_dir):
+        keep = intermediate_dir is not None
+        work = Path(intermediate_dir) if keep else make_sibling_folder(out_dir, "stages")
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            written: dict[str, Checkpoint] = {}
+            for index, plan in enumerate(plans):
+                stage = plan.config
+                # swap the planned stand-ins for the folders the earlier stages wrote
+                plan.checkpoints.update({name: written[name] for name in plan.checkpoints if name in written})
+                if index == len(plans) - 1:
+                    write_merge(plan, out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
+                else:  # an intermediate folder left by an earlier run is stale: replace it
+                    target = work / stage_folder_name(index, stage.name)
+                    write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=True)
+                    written[stage.name] = Checkpoint.from_folder(target, stage.name)
+            return out_dir
+        finally:
+            if not keep:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def stage_folder_name(index: int, name: str) -> str:
+    """The folder an earlier stage's output gets inside the intermediate folder: chosen here,
+    never the user's string as a path (the index keeps it one plain component, not '..')."""
+    return f"{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}"
 
 
 def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[Progress], seed: int,

@@ -23,6 +23,15 @@ from .methods.registry import BASE_IGNORED, Method
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
+# What transformers needs in config.json to rebuild the model the weights belong to, with
+# the names other architectures give the same number (GPT-2, T5, ChatGLM).
+LOADER_FIELDS = (("hidden_size", ("hidden_size", "n_embd", "d_model")),
+                 ("num_hidden_layers", arch.LAYER_COUNT_KEYS),
+                 ("vocab_size", ("vocab_size", "padded_vocab_size")))
+# Beside the tensors and the donor's tokenizer files: config.json, the model card and the
+# recipe (a few KB), the shard index and each shard's header (about a hundred bytes a tensor).
+METADATA_MARGIN_BYTES = 1_000_000
+HEADER_BYTES_PER_TENSOR = 256
 
 
 @dataclass
@@ -75,6 +84,14 @@ class MergePlan:
     def output_bytes(self) -> int:
         return sum(task.nbytes for task in self.tasks)
 
+    @property
+    def disk_bytes(self) -> int:
+        """What the output folder will take on disk: tensors, the files copied from the
+        tokenizer donor, and a margin for the small files the merge writes itself."""
+        donor = self.checkpoints[self.tokenizer_donor].folder if self.tokenizer_donor else None
+        return (self.output_bytes + copied_files_bytes(donor) + METADATA_MARGIN_BYTES
+                + HEADER_BYTES_PER_TENSOR * len(self.tasks))
+
     def peak_bytes_estimate(self) -> int:
         """Tensors in flight for the largest task, in float32: whole inputs and scratch for
         methods that need whole tensors, a few row blocks for elementwise ones."""
@@ -110,6 +127,38 @@ class MergePlan:
         return "\n".join(lines)
 
 
+def copied_files_bytes(folder) -> int:
+    """Bytes of the tokenizer and generation files a merge copies from a model's folder."""
+    from .folder import TOKENIZER_FILES
+
+    if folder is None:
+        return 0
+    files = [folder / name for name in TOKENIZER_FILES + ("generation_config.json",)]
+    return sum(file.stat().st_size for file in files if file.is_file())
+
+
+def check_loader_fields(reference: str, config: dict) -> None:
+    """Refuse a model whose config.json lacks what transformers needs to load the merge:
+    model_type, the hidden size, the layer count and the vocabulary size (under any of
+    their usual names; a multimodal model keeps them in text_config). The output's
+    config.json is the base's, so a missing field would make an output nothing can load."""
+    kind = config.get("model_type")
+    if not isinstance(kind, str) or not kind:
+        raise MergeError(f"config.json of model '{reference}' has no model_type; a merge of it would "
+                         "not load in transformers")
+    text = config.get("text_config")
+    scopes = [config] + ([text] if isinstance(text, dict) else [])
+    for field_name, keys in LOADER_FIELDS:
+        if not any(_is_count(scope.get(key)) for scope in scopes for key in keys):
+            others = ", ".join(keys[1:])
+            raise MergeError(f"config.json of model '{reference}' has no {field_name} (nor {others}); a merge "
+                             "of it would not load in transformers")
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value > 0
+
+
 def format_bytes(count: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if count < 1000 or unit == "TB":
@@ -126,6 +175,9 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
     for name in config.referenced_models():
         if name not in checkpoints:
             raise MergeError(f"model '{name}' was not opened")
+        # here, not where config.json is read: every source meets here (folders, hub headers,
+        # GGUF-derived configs, LoRA bases, earlier stages), and only a merge needs a loadable model
+        check_loader_fields(name, checkpoints[name].config)
         warnings.extend(getattr(checkpoints[name], "warnings", []))
     slices = normalized_slices(config, checkpoints)
     reference_name = config.base_model or slices[0].sources[0].model

@@ -7,13 +7,17 @@ it as they are produced: memory holds the tensors in flight, never a whole shard
 
 from __future__ import annotations
 
+import contextvars
+import errno
+import fcntl
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import torch
 
@@ -94,9 +98,14 @@ class ShardedSafetensorsWriter:
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Close the open shard after a failure; the failure, not a second one from flushing
+        onto a full disk, is what the caller hears about."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass
 
 
 def _nbytes(dtype: torch.dtype, shape) -> int:
@@ -137,26 +146,172 @@ def check_output_folder(out_dir: Path, overwrite: bool) -> None:
         raise MergeError(f"cannot write to '{parent}'")
 
 
+def check_free_space(needs: Iterable[tuple[Path, int]]) -> None:
+    """Refuse, before any tensor is read, outputs their disks cannot hold. `needs` pairs a
+    folder that will be written into with the bytes it will get; folders on one disk add up."""
+    from .plan import format_bytes
+
+    by_disk: dict[int, tuple[Path, int]] = {}
+    for folder, count in needs:
+        place = _nearest_existing(Path(folder).resolve())
+        disk = os.stat(place).st_dev
+        first_place, total = by_disk.get(disk, (place, 0))
+        by_disk[disk] = (first_place, total + count)
+    for place, needed in by_disk.values():
+        free = shutil.disk_usage(place).free
+        if needed > free:
+            raise MergeError(f"the output needs {format_bytes(needed)} on the disk of '{place}', which has "
+                             f"{format_bytes(free)} free")
+
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+# ---- claiming an output folder ----------------------------------------------------------
+# Everything a run keeps beside OUT_DIR is named `.<name>.<kind>-<random>`: while the claim
+# on OUT_DIR is held, any such folder there belongs to a run that died, and is removed.
+SIBLING_KINDS = ("partial", "old", "stages")
+_SIBLING_SUFFIX = re.compile(r"(?:partial|old|stages)-[0-9a-z_]+")  # no '.' or '-': another name's siblings never match
+# The folders this call chain holds, so a multi-stage merge can hold its output across
+# stages while the final stage's atomic_folder claims it again (a context, not a global:
+# another thread writing to the same folder still collides on the lock).
+_held: contextvars.ContextVar[frozenset] = contextvars.ContextVar("mergelab_held_folders", default=frozenset())
+
+
+def lock_file(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+@contextmanager
+def claim_folder(out_dir: Path) -> Iterator[Path]:
+    """Hold `out_dir` for this run alone while the block runs, or fail at once with one line
+    when another run holds it; on claiming, the leftovers of killed runs there are removed.
+    The lock is an flock on `.<name>.lock` beside the folder: the kernel drops it when the
+    process dies, however it dies."""
+    out_dir = Path(out_dir).resolve()
+    held = _held.get()
+    if out_dir in held:
+        yield out_dir
+        return
+    descriptor = _lock(out_dir)
+    token = _held.set(held | {out_dir})
+    try:
+        remove_stale_siblings(out_dir)
+        yield out_dir
+    finally:
+        _held.reset(token)
+        _unlock(out_dir, descriptor)
+
+
+def _lock(out_dir: Path) -> int:
+    path = lock_file(out_dir)
+    for _ in range(100):
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            raise MergeError(f"cannot create the lock file '{path}' ({error.strerror})") from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise MergeError(f"another merge is writing to '{out_dir}' right now") from None
+            raise MergeError(f"cannot lock '{path}' ({error.strerror})") from None
+        if _is_file_at(path, descriptor):
+            return descriptor
+        os.close(descriptor)  # its holder removed the file we locked: lock the one there now
+    raise MergeError(f"cannot lock '{path}': it keeps being replaced")
+
+
+def _unlock(out_dir: Path, descriptor: int) -> None:
+    path = lock_file(out_dir)
+    try:
+        # removed while still locked: whoever opened it meanwhile finds it gone and starts over
+        if _is_file_at(path, descriptor):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _is_file_at(path: Path, descriptor: int) -> bool:
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def remove_stale_siblings(out_dir: Path) -> list[str]:
+    """Remove the `.<name>.partial-*`, `.old-*` and `.stages-*` entries beside `out_dir`
+    (call only while holding its claim); returns their names."""
+    prefix = f".{out_dir.name}."
+    removed = []
+    for entry in os.scandir(out_dir.parent):
+        if not (entry.name.startswith(prefix) and _SIBLING_SUFFIX.fullmatch(entry.name[len(prefix):])):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+        removed.append(entry.name)
+    return removed
+
+
+def make_sibling_folder(out_dir: Path, kind: str) -> Path:
+    """A new empty folder `.<name>.<kind>-<random>` beside `out_dir`. os.mkdir's 0o777 lets
+    the kernel apply the umask, so other users see what they would see of any new folder."""
+    if kind not in SIBLING_KINDS:
+        raise ValueError(f"unknown sibling kind {kind}")
+    out_dir = Path(out_dir).resolve()
+    for _ in range(100):
+        folder = out_dir.parent / f".{out_dir.name}.{kind}-{secrets.token_hex(6)}"
+        try:
+            os.mkdir(folder, 0o777)
+            return folder
+        except FileExistsError:
+            continue
+    raise MergeError(f"cannot create a temporary folder beside '{out_dir}'")
+
+
 @contextmanager
 def atomic_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary folder beside `out_dir`; on success it becomes `out_dir`,
-    on failure it disappears. An existing `out_dir` is replaced only after success."""
+    on failure it disappears. An existing `out_dir` is replaced only after success.
+    `out_dir` is claimed throughout (see claim_folder)."""
     out_dir = Path(out_dir).resolve()
     check_output_folder(out_dir, overwrite)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from other users
+    with claim_folder(out_dir):
+        check_output_folder(out_dir, overwrite)  # a run may have finished between the check and the claim
+        temporary = make_sibling_folder(out_dir, "partial")
+        try:
+            yield temporary
+            _move_into_place(temporary, out_dir)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+
+
+def _move_into_place(temporary: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        temporary.rename(out_dir)
+        return
+    old = make_sibling_folder(out_dir, "old")
     try:
-        yield temporary
+        out_dir.rename(old)  # a folder renamed onto an empty folder replaces it
+        temporary.rename(out_dir)
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        if not out_dir.exists():
+            old.rename(out_dir)  # interrupted between the renames: the user's folder goes back
+        else:
+            shutil.rmtree(old, ignore_errors=True)
         raise
-    old: Optional[Path] = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rmdir(old)
-        out_dir.rename(old)
-    temporary.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
