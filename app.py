@@ -13,6 +13,7 @@ from ui.moe_panel import build_moe_panel
 from ui.sweep_panel import build_sweep_panel
 from ui.recipe_panel import build_recipe_panel
 
+QUEUE_LENGTH = 64  # requests waiting at once; more are refused (the page says the queue is full)
 INTRO = """# MergeLab
 Explore model merges: mergekit-compatible recipes, checked before any heavy work.
 Merge, try the merge beside its parents, move t and merge again in place; the same recipe
@@ -43,7 +44,8 @@ def demo_family() -> dict | None:
 
 
 def build_app(family: dict | None = None) -> gr.Blocks:
-    with gr.Blocks(title="MergeLab") as app:
+    # Gradio's own copies of uploads and returned files are deleted an hour after they are made
+    with gr.Blocks(title="MergeLab", delete_cache=(600, 3600)) as app:
         gr.Markdown(INTRO)
         with gr.Tab("Lab"):
             lab_recipe, merge_after = build_lab(family)
@@ -59,5 +61,18 @@ def build_app(family: dict | None = None) -> gr.Blocks:
     return app
 
 
+def serve(app: gr.Blocks) -> None:
+    """Launch with every request bounded: the queue's length, uploads' size; sessions expire."""
+    from merging.limits import limit
+    from ui.session import SESSIONS
+
+    SESSIONS.sweep_stale_folders()  # session folders a killed server left behind
+    SESSIONS.start_reaper()
+    try:
+        app.queue(default_concurrency_limit=2, max_size=QUEUE_LENGTH).launch(max_file_size=limit("upload_bytes"))
+    finally:
+        SESSIONS.stop_reaper()
+
+
 if __name__ == "__main__":
-    build_app(demo_family()).queue(default_concurrency_limit=2).launch()
+    serve(build_app(demo_family()))

@@ -17,7 +17,9 @@ import yaml
 
 from . import parameters as params_mod
 from .errors import MergeError, did_you_mean
+from .limits import check as check_limit
 from .methods import METHODS, get_method
+from .safe_yaml import load_documents
 
 TOP_LEVEL_KEYS = ("name", "merge_method", "base_model", "models", "slices", "parameters",
                   "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
@@ -27,7 +29,7 @@ DTYPES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float64": "float64", "fp64": "float64",
 }
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -105,13 +107,15 @@ class MergeConfig:
     @staticmethod
     def from_yaml(text_or_path: Union[str, os.PathLike]) -> Union["MergeConfig", "MultiStageConfig"]:
         """Parse mergekit YAML from text or a file path (several documents: multi-stage)."""
-        text = _read_text(text_or_path)
-        try:
-            documents = [d for d in yaml.load_all(text, Loader=YAML_LOADER) if d is not None]
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark else ""
-            raise MergeError(f"the config is not valid YAML{line}: {getattr(error, 'problem', error)}") from None
+        return MergeConfig.from_text(_read_text(text_or_path))
+
+    @staticmethod
+    def from_text(text: str) -> Union["MergeConfig", "MultiStageConfig"]:
+        """Parse recipe text; never opens a file, whatever the text says (a recipe box in
+        the app holds text a visitor sent). Size, nesting and node count are bounded first."""
+        if not isinstance(text, str):
+            raise MergeError(f"a recipe is YAML text, got {type(text).__name__}")
+        documents = load_documents(text)
         if not documents:
             raise MergeError("the config is empty")
         if any(map(is_moe_document, documents)):
@@ -149,10 +153,12 @@ class MergeConfig:
         if has_models:
             if not isinstance(data["models"], list):
                 raise MergeError(f"models{where} must be a list")
+            check_limit("models", len(data["models"]), f"the recipe{where} lists {len(data['models'])} models")
             models = [_input_model(entry, f"{where} (models[{i}])") for i, entry in enumerate(data["models"])]
         else:
             if not isinstance(data["slices"], list):
                 raise MergeError(f"slices{where} must be a list")
+            check_limit("slices", len(data["slices"]), f"the recipe{where} has {len(data['slices'])} slices")
             slices = [_output_slice(entry, f"{where} (slices[{i}])") for i, entry in enumerate(data["slices"])]
 
         config = MergeConfig(
@@ -166,11 +172,16 @@ class MergeConfig:
             tokenizer_source=_tokenizer_source(data.get("tokenizer_source"), where),
             tokenizer=data.get("tokenizer"),
             chat_template=data.get("chat_template"),
-            name=str(data["name"]) if data.get("name") is not None else None,
+            name=_stage_name(data.get("name"), where),
         )
         if config.tokenizer is not None and config.tokenizer_source is not None:
             raise MergeError(f"give either tokenizer_source or tokenizer{where}, not both")
         config.check(where)
+        check_limit("models", len(config.referenced_models()),
+                    f"the recipe{where} names {len(config.referenced_models())} models")
+        if config.slices:
+            layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in config.slices)
+            check_limit("output_layers", layers, f"the recipe{where} makes a model of {layers} layers")
         return config
 
     # ---- checks that need no model files ------------------------------------------
@@ -362,6 +373,12 @@ def load_config(source: Union[str, os.PathLike, MergeConfig, "MultiStageConfig",
     return MergeConfig.from_yaml(source)
 
 
+def recipe_from_text(text: str):
+    """A MergeConfig, MultiStageConfig or MoEConfig from recipe text only: a one-line text
+    that happens to name a file is YAML like any other, never a path to open."""
+    return MergeConfig.from_text(text)
+
+
 class _Dumper(yaml.SafeDumper):
     """Lists of numbers in flow style ([0, 0.5, 1]), as mergekit writes them."""
 
@@ -385,11 +402,13 @@ def _read_text(text_or_path: Union[str, os.PathLike]) -> str:
         path = Path(text_or_path)
     elif "\n" not in text_or_path and (text_or_path.strip().endswith((".yml", ".yaml", ".json"))
                                         or Path(text_or_path.strip()).is_file()):
-        path = Path(text_or_path)
+        path = Path(text_or_path.strip())
     else:
         return text_or_path
     if not path.is_file():
         raise MergeError(f"config file '{path}' does not exist")
+    size = path.stat().st_size
+    check_limit("recipe_bytes", size, f"config file '{path}' is {size} bytes")
     return path.read_text(encoding="utf-8")
 
 
@@ -438,6 +457,17 @@ def _output_slice(entry: Any, where: str) -> OutputSlice:
                          f"got {sorted(lengths)}")
     base = model_name(entry["base_model"], where) if entry.get("base_model") else None
     return OutputSlice(sources, base, _parameter_dict(entry.get("parameters"), where))
+
+
+def _stage_name(value: Any, where: str) -> Optional[str]:
+    """A stage's name is a name, never a path: stage outputs are folders the program names."""
+    if value is None:
+        return None
+    name = str(value)
+    if not STAGE_NAME.match(name) or ".." in name:
+        raise MergeError(f"name{where} must be a plain name (letters, digits, '-', '_', '.'; at most 100), "
+                         f"got {name[:60]!r}")
+    return name
 
 
 def _dtype(value: Any, key: str, where: str) -> Optional[str]:

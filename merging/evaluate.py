@@ -10,7 +10,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -137,6 +137,33 @@ def with_parameter(config: MergeConfig, parameter: str, value, layers: Optional[
     return changed
 
 
+def iter_sweep(config, parameter: str, values: Sequence, scorers: dict[str, Scorer], *, live=None,
+               device: str = "auto", build: Optional[Callable[[MergeConfig], object]] = None) -> Iterator[dict]:
+    """The rows of `sweep`, one as each point finishes: the work happens as the caller asks
+    for the next row, in the caller's thread, so a caller that stops asking stops the sweep.
+    `build(point)` makes the LiveMerge for the first point when no `live` is given."""
+    from .live import LiveMerge
+
+    config = load_config(config)
+    layers = None
+    if LAYER_RANGE.match(parameter.partition("@")[2]):
+        from .pipeline import plan_stages
+
+        layers = plan_stages(config)[0].num_layers  # once, not per point
+    build = build or (lambda point: LiveMerge(point, device=device))
+    for value in values:
+        point = with_parameter(config, parameter, value, layers)
+        started = time.perf_counter()
+        if live is None:
+            live = build(point)
+        else:
+            live.update(point)
+        row = {"value": value, "update_seconds": time.perf_counter() - started, "recipe": point.to_yaml()}
+        for name, scorer in scorers.items():
+            row[name] = scorer(live.model, live.tokenizer)
+        yield row
+
+
 def sweep(config, parameter: str, values: Sequence, scorers: dict[str, Scorer], *, live=None,
           device: str = "auto", progress: Optional[Callable[[int, int, dict], None]] = None,
           should_stop: Optional[Callable[[], bool]] = None) -> list[dict]:
@@ -147,28 +174,11 @@ def sweep(config, parameter: str, values: Sequence, scorers: dict[str, Scorer], 
     (the point's YAML)}.
     `progress(done, total, row)` follows each point; `should_stop()` ends the sweep early.
     """
-    from .live import LiveMerge
-
-    config = load_config(config)
-    layers = None
-    if LAYER_RANGE.match(parameter.partition("@")[2]):
-        from .pipeline import plan_stages
-
-        layers = plan_stages(config)[0].num_layers  # once, not per point
     rows = []
-    for index, value in enumerate(values):
-        if should_stop is not None and should_stop():
-            break
-        point = with_parameter(config, parameter, value, layers)
-        started = time.perf_counter()
-        if live is None:
-            live = LiveMerge(point, device=device)
-        else:
-            live.update(point)
-        row = {"value": value, "update_seconds": time.perf_counter() - started, "recipe": point.to_yaml()}
-        for name, scorer in scorers.items():
-            row[name] = scorer(live.model, live.tokenizer)
+    for row in iter_sweep(config, parameter, values, scorers, live=live, device=device):
         rows.append(row)
         if progress is not None:
-            progress(index + 1, len(values), row)
+            progress(len(rows), len(values), row)
+        if should_stop is not None and should_stop():
+            break
     return rows

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .errors import MergeError
+from .limits import check as check_limit
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS merges (
@@ -60,10 +61,10 @@ def default_path() -> Path:
 
 def summarize(recipe: str) -> str:
     """One line: method and models (short names), from the recipe text."""
-    from .config import load_config
+    from .config import recipe_from_text
 
     try:
-        config = load_config(recipe)
+        config = recipe_from_text(recipe)
     except MergeError:
         return "(unreadable recipe)"
     stages = getattr(config, "stages", [config])
@@ -89,21 +90,29 @@ class History:
         return connection
 
     def record(self, user: str, recipe: str, kind: str = "merge", scores: Optional[dict] = None) -> int:
-        """Store a merge; returns its id."""
+        """Store a merge; returns its id. A row is bounded in size (MERGELAB_MAX_HISTORY_BYTES)."""
+        scores_text = json.dumps(scores or {})
+        size = len(recipe.encode()) + len(scores_text.encode())
+        check_limit("history_bytes", size, f"this history entry is {size} bytes")
         with closing(self._connect()) as connection, connection:
             cursor = connection.execute(
                 "INSERT INTO merges (user, created, kind, recipe, summary, scores) VALUES (?, ?, ?, ?, ?, ?)",
-                (user, time.time(), kind, recipe, summarize(recipe), json.dumps(scores or {})))
+                (user, time.time(), kind, recipe, summarize(recipe), scores_text))
             return int(cursor.lastrowid)
 
     def add_scores(self, entry_id: int, user: str, scores: dict) -> None:
         """Merge `scores` into the entry's (a user can score only their own entries)."""
         entry = self.get(entry_id, user)
+        merged = json.dumps({**entry.scores, **scores})
+        size = len(entry.recipe.encode()) + len(merged.encode())
+        check_limit("history_bytes", size, f"this history entry would be {size} bytes")
         with closing(self._connect()) as connection, connection:
             connection.execute("UPDATE merges SET scores = ? WHERE id = ? AND user = ?",
-                               (json.dumps({**entry.scores, **scores}), entry_id, user))
+                               (merged, entry_id, user))
 
     def get(self, entry_id: int, user: str) -> Entry:
+        if not 0 < int(entry_id) < 2**63:
+            raise MergeError(f"no merge #{entry_id} in your history")
         with closing(self._connect()) as connection:
             row = connection.execute("SELECT id, user, created, kind, recipe, summary, scores FROM merges "
                                      "WHERE id = ? AND user = ?", (int(entry_id), user)).fetchone()

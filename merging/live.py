@@ -10,7 +10,6 @@ the same plan through the same engine, one into files, this one into parameters.
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -188,15 +187,6 @@ class LiveMerge:
         parameters changed, writing them into the model's parameters in place. Other
         models, or a different layer layout (e.g. new passthrough slices), rebuild."""
         config = self._single(config)
-        collecting = gc.isenabled()
-        gc.disable()  # a full collection mid-update costs more than the update itself
-        try:
-            return self._update(config)
-        finally:
-            if collecting:
-                gc.enable()
-
-    def _update(self, config: MergeConfig) -> UpdateStats:
         started = time.perf_counter()
         if set(config.referenced_models()) != set(self.config.referenced_models()):
             self.last_stats = self._build(config, "the models changed")

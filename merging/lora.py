@@ -135,8 +135,10 @@ def open_lora(reference: str, download_weights: bool = True) -> Checkpoint:
 
 
 def _adapter_folder(reference: str, download_weights: bool) -> Path:
+    from .access import current_access
+
     folder = Path(reference).expanduser()
-    if folder.is_dir():
+    if not current_access().reads_from_hub(reference) and folder.is_dir():
         if not (folder / ADAPTER_CONFIG).is_file():
             raise MergeError(f"'{reference}' is not a LoRA adapter folder (no {ADAPTER_CONFIG})")
         return folder

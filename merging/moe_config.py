@@ -23,6 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import MergeError, did_you_mean
+from .limits import check as check_limit
 
 GATE_MODES = {
     "hidden": "the base model's hidden state entering each layer at a prompt's last token",
@@ -83,6 +84,7 @@ class MoEConfig:
         experts = data.get("experts")
         if not isinstance(experts, list) or not experts:
             raise MergeError(f"experts{where} must be a non-empty list")
+        check_limit("experts", len(experts), f"the MoE config{where} has {len(experts)} experts")
         gate_mode = str(data.get("gate_mode", "hidden"))
         if gate_mode not in GATE_MODES:
             hint = did_you_mean(gate_mode, GATE_MODES) or f" (one of {', '.join(GATE_MODES)})"

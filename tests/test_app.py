@@ -218,14 +218,21 @@ def test_a_multi_stage_recipe_merges_its_earlier_stages_then_the_last_live(serve
 def test_leaving_frees_the_session_and_its_stage_folders(tmp_path):
     from ui.session import SessionRegistry
 
-    registry = SessionRegistry()
-    session = registry.get("abc")
-    session.live = object()
-    session.workdir = str(tmp_path / "stages")
-    (tmp_path / "stages").mkdir()
+    registry = SessionRegistry(tmp_path / "sessions")
+    with registry.use("abc") as session:
+        session.live = object()
+        (session.workdir() / "stages").mkdir()
+    folder = session.folder
+    assert folder.is_dir() and folder.is_relative_to(tmp_path / "sessions")
     registry.drop("abc")
-    assert len(registry) == 0 and not (tmp_path / "stages").exists()
-    assert registry.get("abc").live is None  # a new visit starts afresh
+    assert len(registry) == 0 and not folder.exists() and session.live is None
+    with registry.use("abc") as again:
+        assert again.live is None  # a new visit starts afresh
+    with registry.use("busy") as busy:  # the browser leaves while a handler runs: freed when it returns
+        busy.workdir()
+        registry.drop("busy")
+        assert registry.peek("busy") is busy and busy.folder.exists()
+    assert registry.peek("busy") is None and not busy.folder.exists()
 
 
 def test_public_deployments_never_trust_remote_code(demo_cache, demo_family, monkeypatch):
@@ -237,7 +244,7 @@ def test_public_deployments_never_trust_remote_code(demo_cache, demo_family, mon
     recipe = LAB_RECIPE.format(**{k: str(v) for k, v in demo_family.items()})
     messages = list(merge_recipe(recipe, True, None, progress=lambda *a, **k: None))
     assert messages[0].startswith("Building: about") and messages[-1].startswith("**Merged** (history #")
-    assert SESSIONS.get(None).live.trust_remote_code is False
+    assert SESSIONS.peek(None).live.trust_remote_code is False
     SESSIONS.drop(None)
 
 

@@ -241,15 +241,15 @@ def test_a_models_vocabulary_is_matched_by_token_not_by_position(token_family, t
 
 
 def test_public_deployments_check_both_sides_of_base_plus_adapter(tiny, adapter, monkeypatch):
-    from merging import load_config
-    from ui.recipe_panel import refuse_local_paths
+    from merging.checkpoint import Checkpoint
 
     monkeypatch.setenv("MERGELAB_PUBLIC", "1")
-    hub_only = load_config("models:\n  - model: org/base+org/adapter\nmerge_method: passthrough\n")
-    refuse_local_paths(hub_only)  # hub ids on both sides: allowed
-    local_adapter = load_config(f"models:\n  - model: org/base+{adapter[0]}\nmerge_method: passthrough\n")
-    with pytest.raises(MergeError, match="local paths are disabled on a public deployment"):
-        refuse_local_paths(local_adapter)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MergeError, match="hub is offline"):  # hub ids on both sides: the hub's
+        Checkpoint.open("org/base+org/adapter")
+    for reference in (f"org/base+{adapter[0]}", f"{tiny.path('base')}+{adapter[0]}", tiny.path("base")):
+        with pytest.raises(MergeError, match="local paths are disabled on a public deployment"):
+            Checkpoint.open(reference)
 
 
 def test_the_app_merges_adapters_and_gguf_files(server, tiny, adapter, tmp_path):

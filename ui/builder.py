@@ -12,22 +12,25 @@ from merging import METHODS, MergeConfig, MergeError, get_method
 from merging.checkpoint import Checkpoint
 from merging.config import InputModel
 
-from .recipe_panel import is_public_deployment, refuse_local_paths
+from merging.access import hub_token
+from merging.limits import check as check_limit, limit
+
+from .common import handler
 
 METHOD_CHOICES = [(f"{name}: {method.summary}", name) for name, method in sorted(METHODS.items())]
 COMPARED = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
 
 
-def compatibility(models: list[str], base: Optional[str]) -> str:
+@handler
+def compatibility(models: list[str], base: Optional[str], request: gr.Request = None) -> str:
     """A table of each model's architecture facts and whether it can merge with the base."""
-    names = list(dict.fromkeys(([base] if base else []) + list(models or [])))
+    names = list(dict.fromkeys(([base] if base else []) + [str(m) for m in models or []]))
     if len(names) < 2:
         raise gr.Error("pick at least two models (or one and a base)")
+    check_limit("models", len(names), f"{len(names)} models are picked")
     rows, reference = [], None
     for name in names:
         try:
-            if is_public_deployment():
-                refuse_local_paths(MergeConfig("passthrough", models=[InputModel(name)]))
             config = Checkpoint.open(name, download_weights=False).config
         except MergeError as error:
             rows.append(f"| `{name}` | | | | | | cannot be read: {error} |")
@@ -46,7 +49,8 @@ def compatibility(models: list[str], base: Optional[str]) -> str:
     return header + "\n".join(rows)
 
 
-def search_hub(query: str) -> tuple[str, dict]:
+@handler
+def search_hub(query: str, request: gr.Request = None) -> tuple[str, dict]:
     """Text-generation models on the hub matching `query`, most downloaded first; says so
     plainly when the hub is offline or unreachable. Returns (message, dropdown update)."""
 
@@ -54,7 +58,8 @@ def search_hub(query: str) -> tuple[str, dict]:
 
     from merging.checkpoint import hub_endpoint, hub_offline, hub_reachable
 
-    if not query or not query.strip():
+    query = str(query or "")[:200]
+    if not query.strip():
         return "type part of a model's name to search the hub", gr.update()
     if hub_offline():
         return ("the hub is offline here (HF_HUB_OFFLINE is set): type a local folder, or a hub id "
@@ -63,7 +68,7 @@ def search_hub(query: str) -> tuple[str, dict]:
     if not hub_reachable(endpoint):  # huggingface_hub would retry for half a minute
         return "cannot reach the Hugging Face hub (no connection): type a local folder instead", gr.update()
     try:
-        api = HfApi(endpoint=endpoint)
+        api = HfApi(endpoint=endpoint, token=hub_token())
         found = [m.id for m in api.list_models(search=query.strip(), pipeline_tag="text-generation",
                                                sort="downloads", limit=20)]
     except Exception as error:  # connection errors come in many types
@@ -146,6 +151,8 @@ def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
 
         @gr.render(inputs=[models, base, method])
         def parameter_controls(chosen, base_model, method_name):
+            if len(chosen or []) > limit("models"):
+                raise gr.Error(f"at most {limit('models')} models can be picked")
             spec = get_method(method_name)
             controls, keys = [], []
             with gr.Row():

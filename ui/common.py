@@ -1,18 +1,35 @@
-"""What every panel shares: the GPU marker, readable errors, and reading a recipe box."""
+"""What every panel shares: the handler wrapper (the visitor's access, readable errors), the
+GPU marker, reading a recipe box, the heavy-work queue, and the history."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import time
+from typing import Optional
+
 import gradio as gr
 
-from merging import MergeError, load_config
+from merging import MergeError
+from merging.access import access_scope, visitor_access
+from merging.config import recipe_from_text
+from merging.limits import is_public_deployment, limit
 
-from .recipe_panel import is_public_deployment, refuse_local_paths
+from .session import SESSIONS
 
 try:  # on a ZeroGPU Space, functions that use the GPU must say so; elsewhere a no-op
     from spaces import GPU as gpu
 except ImportError:
     def gpu(function):
         return function
+
+HEAVY = "heavy"  # the concurrency id every heavy event shares: one queue, server-wide
+
+
+def heavy_queue() -> dict:
+    """Event options that put merge, save, publish, MoE build and sweep into one server-wide
+    queue; Gradio shows each visitor their place in it."""
+    return {"concurrency_id": HEAVY, "concurrency_limit": limit("heavy_workers")}
 
 
 def text_lines(text) -> list[str]:
@@ -22,19 +39,81 @@ def text_lines(text) -> list[str]:
 
 def friendly(error: Exception) -> gr.Error:
     """A user's mistake as its own one line; anything else named as unexpected."""
+    if isinstance(error, gr.Error):
+        return error
     if isinstance(error, MergeError):
         return gr.Error(str(error))
-    return gr.Error(f"unexpected error: {type(error).__name__}: {error}")
+    return gr.Error(f"unexpected error: {type(error).__name__}: {str(error)[:300]}")
+
+
+def visitor_token(request) -> Optional[str]:
+    """The signed-in visitor's own hub token (Sign in with Hugging Face), if any; Gradio keeps
+    it in the request's cookie session."""
+    underlying = getattr(request, "request", None) or request
+    scope = getattr(underlying, "scope", None)
+    session = scope.get("session", {}) if isinstance(scope, dict) else getattr(underlying, "session", None) or {}
+    info = session.get("oauth_info") if hasattr(session, "get") else None
+    if not info or (info.get("expires_at") or float("inf")) < time.time():
+        return None
+    return info.get("access_token")
+
+
+def request_access(request):
+    """What this request may read: on a public deployment the demo cache and the visitor's own
+    session folder, and the hub with the visitor's token or none."""
+    folder = SESSIONS.folder_for(getattr(request, "session_hash", None)) if is_public_deployment() else None
+    return visitor_access(visitor_token(request), (folder,) if folder else ())
+
+
+def handler(function):
+    """Wrap an event handler: it runs in the visitor's access scope (see merging.access), and
+    any error reaches the page as one readable line. Generator handlers get the scope around
+    every step, since Gradio may run each step in another worker thread."""
+    signature = inspect.signature(function)
+
+    def access_for(args, kwargs):
+        request = signature.bind_partial(*args, **kwargs).arguments.get("request")
+        return request_access(request)
+
+    if inspect.isgeneratorfunction(function):
+        @functools.wraps(function)
+        def stepwise(*args, **kwargs):
+            access = access_for(args, kwargs)
+            steps = function(*args, **kwargs)
+            try:
+                while True:
+                    with access_scope(access):
+                        try:
+                            item = next(steps)
+                        except StopIteration:
+                            return
+                        except Exception as error:
+                            raise friendly(error) from None
+                    yield item
+            finally:
+                steps.close()  # a cancelled request ends the handler's work now
+        return stepwise
+
+    @functools.wraps(function)
+    def once(*args, **kwargs):
+        with access_scope(access_for(args, kwargs)):
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:
+                raise friendly(error) from None
+    return once
+
+
+def session_hash(request) -> Optional[str]:
+    return getattr(request, "session_hash", None)
 
 
 def read_recipe(recipe: str, kind: type, wrong_kind: str):
-    """The recipe box's config, if it is a `kind` (else `wrong_kind` is the error); on a
-    public deployment, local paths outside the demo cache are refused."""
-    config = load_config(recipe)
+    """The recipe box's config (text only: never a path to open), if it is a `kind` (else
+    `wrong_kind` is the error)."""
+    config = recipe_from_text(recipe or "")
     if not isinstance(config, kind):
         raise MergeError(wrong_kind)
-    if is_public_deployment():
-        refuse_local_paths(config)
     return config
 
 

@@ -7,7 +7,7 @@ import gradio as gr
 
 from merging import MergeError
 
-from .common import friendly, user_key
+from .common import handler, user_key
 from .session import history
 
 COLUMNS = ["id", "time", "kind", "recipe", "scores"]
@@ -18,21 +18,24 @@ def _format_scores(scores: dict) -> str:
                      for name, value in scores.items())
 
 
+@handler
 def list_history(request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> list[list]:
     """The user's merges as table rows: id, time, kind, method and models, scores."""
     entries = history().entries(user_key(request, profile))
     return [[e.id, e.time_text, e.kind, e.summary, _format_scores(e.scores)] for e in entries]
 
 
+@handler
 def restore(entry_id: float, request: gr.Request = None, profile: gr.OAuthProfile | None = None):
     """The entry's recipe, exactly as recorded, into the Lab's recipe box (merges and sweep
     points) or the MoE tab's (MoE builds); the other box is left as it is."""
+    if entry_id is None:
+        raise MergeError("give the id of a merge in the table")
     try:
-        if entry_id is None:
-            raise MergeError("give the id of a merge in the table")
-        entry = history().get(int(entry_id), user_key(request, profile))
-    except Exception as error:
-        raise friendly(error) from None
+        entry_id = int(entry_id)
+    except (TypeError, ValueError, OverflowError):
+        raise MergeError(f"the id must be a whole number, got {entry_id!r}") from None
+    entry = history().get(entry_id, user_key(request, profile))
     message = f"Restored #{entry.id} ({entry.summary}) into the {'MoE' if entry.kind == 'moe' else 'Lab'} tab."
     if entry.kind == "moe":
         return gr.update(), entry.recipe, message

@@ -11,18 +11,20 @@ from typing import Optional
 
 import gradio as gr
 
-from merging import MergeConfig, MultiStageConfig, load_config
+from merging import MergeConfig, MultiStageConfig, MergeError
 from merging.analysis import METRICS, diagnose_plan, heatmap
+from merging.config import recipe_from_text
 from merging.evaluate import with_parameter
 from merging.generation import Sampling, stream
 from merging.layer_values import edit_range, expand, points_from_config, with_layer_points
+from merging.limits import clamp_check, is_public_deployment, limit
+from merging.pipeline import merge_stages_into, plan_stages
 
 from . import layers
 from .builder import build_builder, short_name
-from .common import friendly, gpu, read_recipe, remember
+from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash
 from .publish_panel import build_publish_panel
-from .recipe_panel import is_public_deployment, refuse_local_paths
-from .session import PARENTS, SESSIONS
+from .session import PARENTS, SESSIONS, model_bytes
 
 LAB_RECIPE = """\
 models:
@@ -33,6 +35,7 @@ parameters:
   t: 0.5
 dtype: float32
 """
+LIVE_CACHE_BYTES = 512 * 1024**2  # a session's cache of pruned task vectors (TIES/DARE weight changes)
 
 
 def _config(recipe: str) -> MergeConfig:
@@ -40,136 +43,151 @@ def _config(recipe: str) -> MergeConfig:
                        "the lab merges one recipe at a time; multi-stage files merge from the command line")
 
 
+@handler
 def set_t(recipe: str, t: float) -> str:
     """The recipe with one global t (replacing gradients and filters)."""
-    try:
-        return with_parameter(_config(recipe), "t", float(t)).to_yaml()
-    except Exception as error:
-        raise friendly(error) from None
+    return with_parameter(_config(recipe), "t", float(t)).to_yaml()
 
 
-def merge_earlier_stages(config: MultiStageConfig, session) -> MergeConfig:
-    """Write every stage but the last with merge() into the session's folder; the last stage,
-    its stage names replaced by those folders, is what the lab merges live."""
-    import tempfile
-    from pathlib import Path
+def merged_model_bytes(plan) -> int:
+    """The merged model's size in the dtype the lab builds it in."""
+    from merging.plan import TORCH_DTYPES
 
-    from merging import merge
-
-    if session.workdir is None:
-        session.workdir = tempfile.mkdtemp(prefix="mergelab-session-")
-    folders: dict[str, str] = {}
-    ordered = config.order()
-    for stage in ordered[:-1]:
-        target = Path(session.workdir) / stage.name
-        merge(stage.with_models_renamed(folders), target, overwrite=True)
-        folders[stage.name] = str(target)
-    return ordered[-1].with_models_renamed(folders)
+    dtype = TORCH_DTYPES.get(plan.config.out_dtype or plan.config.dtype or "", None)
+    return sum(t.nbytes // t.out_dtype.itemsize * (dtype.itemsize if dtype else t.out_dtype.itemsize)
+               for t in plan.tasks)
 
 
-def memory_estimate(config: MergeConfig) -> str:
+def memory_estimate(plan) -> str:
     """What building the session will hold: the merged model, and each parent for the arena."""
-    from merging.pipeline import plan_stages
-    from merging.plan import TORCH_DTYPES, format_bytes
+    from merging.plan import format_bytes
 
-    plan = plan_stages(config)[0]
-    dtype = TORCH_DTYPES.get(config.out_dtype or config.dtype or "", None)
-    model = sum(t.nbytes // t.out_dtype.itemsize * (dtype.itemsize if dtype else t.out_dtype.itemsize)
-                for t in plan.tasks)
     sources = sum(info.nbytes for ckpt in plan.checkpoints.values() for info in ckpt.tensors.values())
-    return (f"about {format_bytes(model)} for the merged model, the same again for each of the two parents "
-            f"in the arena, and {format_bytes(sources)} of source weights mapped from disk")
+    return (f"about {format_bytes(merged_model_bytes(plan))} for the merged model, the same again for each of the "
+            f"two parents in the arena, and {format_bytes(sources)} of source weights mapped from disk")
 
 
 @gpu
+@handler
 def merge_recipe(recipe: str, trust_remote_code: bool = False, request: gr.Request = None,
                  profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
-    """Build the session's merged model (saying first what it will hold), or update it in place.
-    `trust_remote_code` lets models with their own architecture code run it (never on a
-    public deployment)."""
+    """Build the session's merged model (saying first what it will hold, within the server's
+    memory budget), or update it in place. A multi-stage recipe merges its earlier stages into
+    the session's folder first. `trust_remote_code` lets models with their own architecture
+    code run it (never on a public deployment)."""
     from merging import LiveMerge
 
     trust_remote_code = bool(trust_remote_code) and not is_public_deployment()
-    try:
-        session = SESSIONS.get(request.session_hash if request else None)
-        config = load_config(recipe)
+    config = recipe_from_text(recipe or "")
+    if not isinstance(config, (MergeConfig, MultiStageConfig)):
+        raise MergeError("the lab merges merge recipes; build a mixture of experts in its own tab")
+    plans = plan_stages(config)  # every stage checked before any work
+    with SESSIONS.use(session_hash(request)) as session:
         if isinstance(config, MultiStageConfig):
-            if is_public_deployment():
-                refuse_local_paths(config)
-            yield f"Merging {len(config.stages) - 1} earlier stage(s) to disk first."
-            config = merge_earlier_stages(config, session)
-        else:
-            config = _config(recipe)
-        with session.lock:
-            if session.live is not None and session.live.trust_remote_code != trust_remote_code:
-                session.live = None  # a different trust setting: build afresh
-            if session.live is None:
-                yield f"Building: {memory_estimate(config)}."
+            yield f"Merging {len(plans) - 1} earlier stage(s) to disk first."
+            config = merge_stages_into(config, session.workdir() / "stages", plans=plans)
+            plans = plan_stages(config)
+        with session.lock.write():
+            live = session.live
+            if live is not None and (live.trust_remote_code != trust_remote_code
+                                     or set(live.config.referenced_models()) != set(config.referenced_models())):
+                session.live = live = None  # other models: the old one goes before the new one is built
+                SESSIONS.release(session, "live")
+            if live is None:
+                SESSIONS.reserve(session, "live", merged_model_bytes(plans[-1]) + LIVE_CACHE_BYTES)
+                yield f"Building: {memory_estimate(plans[-1])}."
                 progress(0.1, desc="building the merged model")
-                session.live = LiveMerge(config, trust_remote_code=trust_remote_code)
+                session.live = LiveMerge(config, trust_remote_code=trust_remote_code,
+                                         cache_budget_bytes=LIVE_CACHE_BYTES)
                 stats = session.live.last_stats
             else:
-                stats = session.live.update(config)
+                stats = live.update(config)
         entry = remember(recipe, "merge", request, profile)
-        yield f"**Merged** (history #{entry}). {stats}"
-    except Exception as error:
-        raise friendly(error) from None
+    yield f"**Merged** (history #{entry}). {stats}"
 
 
 def _pane_models(session) -> list[tuple[str, object, object]]:
+    """The arena's panes: each parent the recipe names (up to two), then the merge."""
     live = session.live
     names = live.config.referenced_models()
     dtype = next(live.model.parameters()).dtype
     panes = []
     for label, name in zip(("A", "B"), names[:2]):
         model, tokenizer = PARENTS.get(name, dtype, live.trust_remote_code)
-        panes.append((f"{label}: {name}", model, tokenizer))
+        panes.append((f"{label}: {short_name(name)}", model, tokenizer))
     panes.append(("merged", live.model, live.tokenizer))
     return panes
 
 
+def arena_sampling(prompt: str, max_new_tokens, temperature, seed) -> Sampling:
+    """The arena's settings from a request, each bounded before any work."""
+    if not prompt or not prompt.strip():
+        raise MergeError("write a prompt first")
+    from merging.limits import check
+
+    check("prompt_chars", len(prompt), f"the prompt is {len(prompt)} characters")
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise MergeError(f"temperature must be a number, got {temperature!r}") from None
+    if not 0 <= temperature <= 5:
+        raise MergeError(f"temperature must be between 0 and 5, got {temperature}")
+    return Sampling(max_new_tokens=clamp_check("new_tokens", max_new_tokens, "max new tokens", minimum=1),
+                    temperature=temperature, seed=_seed(seed))
+
+
+def _seed(seed) -> int:
+    try:
+        return int(seed) % 2**63
+    except (TypeError, ValueError, OverflowError):
+        raise MergeError(f"the seed must be a whole number, got {seed!r}") from None
+
+
 @gpu
+@handler
 def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, blind: bool = False,
         request: gr.Request = None):
     """Stream the same prompt, seed and sampling to model A, model B and the merge (in a
-    random order of panes, unnamed, when `blind`; vote to reveal)."""
-    session = SESSIONS.get(request.session_hash if request else None)
-    if session.live is None:
-        raise gr.Error("press Merge first: there is no merged model yet")
-    if not prompt or not prompt.strip():
-        raise gr.Error("write a prompt first")
-    sampling = Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=int(seed))
-    try:
+    random order of panes, unnamed, when `blind`; vote to reveal). A merge waits until the
+    answers are done: it never rewrites the weights under a generation."""
+    sampling = arena_sampling(prompt, max_new_tokens, temperature, seed)
+    known = SESSIONS.peek(session_hash(request))
+    if known is None or known.live is None:
+        raise MergeError("press Merge first: there is no merged model yet")
+    with SESSIONS.use(session_hash(request)) as session, session.lock.read():
+        if session.live is None:
+            raise MergeError("press Merge first: there is no merged model yet")
         panes = _pane_models(session)
-    except Exception as error:
-        raise friendly(error) from None
-    order = list(range(len(panes)))
-    if blind:
-        random.Random().shuffle(order)
-        session.blind_order = [panes[i][0] for i in order]
-    else:
-        session.blind_order = None
-    histories = [[{"role": "user", "content": prompt}] for _ in panes]
-    speeds = ["", "", ""]
-    for index, source in enumerate(order):
-        label, model, tokenizer = panes[source]
-        shown = f"pane {index + 1}" if blind else label
-        histories[index].append({"role": "assistant", "content": ""})
-        for piece in stream(model, tokenizer, prompt, sampling):
-            if isinstance(piece, str):
-                histories[index][-1]["content"] += piece
-            else:
-                speeds[index] = f"{shown}: {piece.new_tokens} tokens, {piece.tokens_per_second:.1f} tokens/s"
-            yield (*histories, " · ".join(s for s in speeds if s))
+        order = list(range(len(panes)))
+        if blind:
+            random.Random().shuffle(order)
+            session.blind_order = [panes[i][0] for i in order]
+        else:
+            session.blind_order = None
+        histories = [[{"role": "user", "content": prompt}] for _ in panes] + [[] for _ in range(3 - len(panes))]
+        speeds = ["", "", ""]
+        for index, source in enumerate(order):
+            label, model, tokenizer = panes[source]
+            shown = f"pane {index + 1}" if blind else label
+            histories[index].append({"role": "assistant", "content": ""})
+            for piece in stream(model, tokenizer, prompt, sampling, max_prompt_tokens=limit("prompt_tokens")):
+                if isinstance(piece, str):
+                    histories[index][-1]["content"] += piece
+                else:
+                    speeds[index] = f"{shown}: {piece.new_tokens} tokens, {piece.tokens_per_second:.1f} tokens/s"
+                yield (*histories, " · ".join(s for s in speeds if s))
 
 
+@handler
 def vote(choice: str, request: gr.Request = None) -> str:
     """Reveal which pane was which, after a blind round."""
-    session = SESSIONS.get(request.session_hash if request else None)
-    order = getattr(session, "blind_order", None)
+    session = SESSIONS.peek(session_hash(request))
+    order = session.blind_order if session is not None else None
     if not order:
-        raise gr.Error("ask in blind mode first, then vote")
-    picked = int(choice.split()[-1]) - 1
+        raise MergeError("ask in blind mode first, then vote")
+    if choice not in ("pane 1", "pane 2", "pane 3") or int(choice[-1]) > len(order):
+        raise MergeError("pick one of the panes")
+    picked = int(choice[-1]) - 1
     reveal = ", ".join(f"pane {i + 1} was {label}" for i, label in enumerate(order))
     session.blind_order = None
     return f"You preferred pane {picked + 1}: **{order[picked]}**. ({reveal})"
@@ -179,27 +197,24 @@ def clear():
     return [], [], [], ""
 
 
-def show_diagnostics(recipe: str, metric: str):
+@handler
+def show_diagnostics(recipe: str, metric: str, request: gr.Request = None):
     """A layers x modules heatmap of `metric`, per-layer curves of it with the merge's exact
     per-layer t (slerp fallbacks marked x), and the records behind them."""
     from merging.analysis import layer_curves, parameter_records
-    from merging.pipeline import plan_stages
 
-    try:
-        plan = plan_stages(_config(recipe))[0]
-        records = diagnose_plan(plan)
-    except Exception as error:
-        raise friendly(error) from None
+    if metric not in METRICS:
+        raise MergeError(f"unknown metric '{metric}'")
+    plan = plan_stages(_config(recipe))[0]
+    records = diagnose_plan(plan)
     if not records:
-        raise gr.Error("this recipe has no tensor with two inputs to compare")
+        raise MergeError("this recipe has no tensor with two inputs to compare")
     name = next((p.name for p in plan.method.global_parameters if p.name == "t"), None)
     parameters = parameter_records(plan, name) if name else None
     return heatmap(records, metric), layer_curves(records, metric, parameters, name or ""), records
 
 
 def _layer_count(config: MergeConfig) -> int:
-    from merging.pipeline import plan_stages
-
     return plan_stages(config)[0].num_layers
 
 
@@ -208,13 +223,11 @@ def _names(config: MergeConfig) -> tuple[str, str]:
     return (names + ["model A", "model B"])[0], (names[1:] + ["model B"])[0]
 
 
-def set_layers(recipe: str, attention: str, mlp: str, other: str):
+@handler
+def set_layers(recipe: str, attention: str, mlp: str, other: str, request: gr.Request = None):
     """Write the per-layer control points into the recipe as a filter list; show the values."""
-    try:
-        config = _config(recipe)
-        return _write_points(config, attention, mlp, other, _layer_count(config))
-    except Exception as error:
-        raise friendly(error) from None
+    config = _config(recipe)
+    return _write_points(config, attention, mlp, other, _layer_count(config))
 
 
 def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, count: int):
@@ -226,39 +239,39 @@ def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, cou
     return changed.to_yaml(), layers.values_figure(*points, count, _names(changed))
 
 
-def read_layers(recipe: str):
+@handler
+def read_layers(recipe: str, request: gr.Request = None):
     """The recipe's t as control points for attention, MLP and the rest, and their values."""
-    try:
-        config = _config(recipe)
-        points = points_from_config(config, "t")
-        figure = layers.values_figure(*points, _layer_count(config), _names(config))
-        return (*[layers.format_points(p) for p in points], figure)
-    except Exception as error:
-        raise friendly(error) from None
+    config = _config(recipe)
+    points = points_from_config(config, "t")
+    figure = layers.values_figure(*points, _layer_count(config), _names(config))
+    return (*[layers.format_points(p) for p in points], figure)
 
 
 def use_preset(name: str) -> tuple[str, str, str]:
+    if name not in layers.PRESETS:
+        raise gr.Error(f"unknown preset '{name}'")
     return tuple(layers.format_points(points) for points in layers.PRESETS[name])
 
 
+@handler
 def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, operation: str,
-                first: float, last: float, amount: float):
+                first: float, last: float, amount: float, request: gr.Request = None):
     """set / add / multiply one module type's t on a range of layers (one value per layer)."""
-    try:
-        config = _config(recipe)
-        count = _layer_count(config)
-        texts = {"attention": attention, "MLP": mlp, "other": other}
-        points = layers.parse_points(texts[module], module)
-        texts[module] = layers.format_points(
-            edit_range(expand(points, count), operation, int(first), int(last), float(amount)))
-        changed_recipe, figure = _write_points(config, texts["attention"], texts["MLP"], texts["other"], count)
-        return texts["attention"], texts["MLP"], texts["other"], changed_recipe, figure
-    except Exception as error:
-        raise friendly(error) from None
+    config = _config(recipe)
+    count = _layer_count(config)
+    texts = {"attention": attention, "MLP": mlp, "other": other}
+    if module not in texts:
+        raise MergeError(f"unknown module type '{module}'")
+    points = layers.parse_points(texts[module], module)
+    texts[module] = layers.format_points(
+        edit_range(expand(points, count), operation, int(first), int(last), float(amount)))
+    changed_recipe, figure = _write_points(config, texts["attention"], texts["MLP"], texts["other"], count)
+    return texts["attention"], texts["MLP"], texts["other"], changed_recipe, figure
 
 
 def forget_session(request: gr.Request) -> None:
-    SESSIONS.drop(request.session_hash if request else None)
+    SESSIONS.drop(session_hash(request))
 
 
 def build_lab(family: Optional[dict]):
@@ -276,7 +289,7 @@ def build_lab(family: Optional[dict]):
                                 "(only for architectures transformers lacks)", visible=not is_public_deployment())
     build_builder(recipe, family)
     t.input(set_t, inputs=[recipe, t], outputs=recipe, api_name="set_t")
-    merge.click(merge_recipe, inputs=[recipe, trust], outputs=status, api_name="merge", concurrency_limit=1)
+    merge.click(merge_recipe, inputs=[recipe, trust], outputs=status, api_name="merge", **heavy_queue())
 
     with gr.Accordion("Per-layer t: control points for attention, MLP and the rest", open=False):
         with gr.Row():
@@ -302,13 +315,12 @@ def build_lab(family: Optional[dict]):
                 expert_use = gr.Button("Use these values", variant="primary")
 
             @gr.render(inputs=[recipe, attention, mlp, other, expert_module], triggers=[expert_show.click])
-            def per_layer_sliders(recipe_text, attention_text, mlp_text, other_text, module_name):
-                try:
-                    count = _layer_count(_config(recipe_text))
-                    texts = {"attention": attention_text, "MLP": mlp_text, "other": other_text}
-                    values = expand(layers.parse_points(texts[module_name], module_name), count)
-                except Exception as error:
-                    raise friendly(error) from None
+            @handler
+            def per_layer_sliders(recipe_text, attention_text, mlp_text, other_text, module_name,
+                                  request: gr.Request = None):
+                count = _layer_count(_config(recipe_text))
+                texts = {"attention": attention_text, "MLP": mlp_text, "other": other_text}
+                values = expand(layers.parse_points(texts[module_name], module_name), count)
                 sliders = []
                 with gr.Row(equal_height=False):
                     for layer, value in enumerate(values):
@@ -316,14 +328,12 @@ def build_lab(family: Optional[dict]):
                                                  min_width=120, interactive=True,
                                                  key=f"expert-{module_name}-{layer}"))
 
+                @handler
                 def use_values(recipe_now, attention_now, mlp_now, other_now, *slider_values):
                     texts = {"attention": attention_now, "MLP": mlp_now, "other": other_now}
                     texts[module_name] = layers.format_points([float(v) for v in slider_values])
-                    try:
-                        new_recipe, figure = _write_points(_config(recipe_now), texts["attention"], texts["MLP"],
-                                                           texts["other"], count)
-                    except Exception as error:
-                        raise friendly(error) from None
+                    new_recipe, figure = _write_points(_config(recipe_now), texts["attention"], texts["MLP"],
+                                                       texts["other"], count)
                     return texts["attention"], texts["MLP"], texts["other"], new_recipe, figure
 
                 expert_use.click(use_values, inputs=[recipe, attention, mlp, other, *sliders],
@@ -367,12 +377,13 @@ def build_lab(family: Optional[dict]):
         plot = gr.Plot(label="layers x module types")
         curves = gr.Plot(label="per layer, with the merge's t (x: slerp falls back to linear)")
     table = gr.JSON(label="records", visible=False)
-    show.click(show_diagnostics, inputs=[recipe, metric], outputs=[plot, curves, table], api_name="diagnostics")
+    show.click(show_diagnostics, inputs=[recipe, metric], outputs=[plot, curves, table], api_name="diagnostics",
+               **heavy_queue())
 
     build_publish_panel(recipe)
 
     def merge_after(event):
         """Chain a merge of the recipe box after `event` (which wrote into it)."""
-        return event.then(merge_recipe, inputs=[recipe, trust], outputs=status)
+        return event.then(merge_recipe, inputs=[recipe, trust], outputs=status, **heavy_queue())
 
     return recipe, merge_after

@@ -18,8 +18,10 @@ import plotly.graph_objects as go
 from merging.moe_config import GATE_MODES, Expert, MoEConfig
 
 from .builder import short_name
-from .common import friendly, gpu, read_recipe, remember, text_lines
-from .session import SESSIONS
+from merging import MergeError
+
+from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash, text_lines
+from .session import SESSIONS, model_bytes
 
 MAX_EXPERTS = 4
 COLOURS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D"]
@@ -30,9 +32,12 @@ def _moe_config(recipe: str) -> MoEConfig:
     return read_recipe(recipe, MoEConfig, "this tab builds mixtures of experts: the recipe needs an 'experts' list")
 
 
+@handler
 def form_to_recipe(base: str, gate_mode: str, per_token: float, dtype: str, *slots) -> str:
     """The form as mergekit-moe YAML; slots are (model, positive, negative) per expert,
     and an empty model leaves its slot out."""
+    if len(slots) != 3 * MAX_EXPERTS:
+        raise MergeError(f"the form has {MAX_EXPERTS} expert slots of (model, positive, negative prompts)")
     experts = []
     for index in range(0, len(slots), 3):
         model, positive, negative = slots[index:index + 3]
@@ -43,19 +48,14 @@ def form_to_recipe(base: str, gate_mode: str, per_token: float, dtype: str, *slo
     if not experts:
         raise gr.Error("pick at least one expert model")
     text = MoEConfig(base.strip(), experts, gate_mode, dtype or None, int(per_token or 1)).to_yaml()
-    try:
-        _moe_config(text)  # the same checks as on reading, said now
-    except Exception as error:
-        raise friendly(error) from None
+    _moe_config(text)  # the same checks as on reading, said now
     return text
 
 
+@handler
 def recipe_to_form(recipe: str) -> list:
     """The recipe's values for the form (base, gate mode, k, dtype, then each slot)."""
-    try:
-        config = _moe_config(recipe)
-    except Exception as error:
-        raise friendly(error) from None
+    config = _moe_config(recipe)
     if len(config.experts) > MAX_EXPERTS:
         raise gr.Error(f"the form shows {MAX_EXPERTS} experts; this recipe has {len(config.experts)} "
                        "(build it from the recipe as it is)")
@@ -77,40 +77,37 @@ def _estimate(plan) -> str:
 
 
 @gpu
+@handler
 def build(recipe: str, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
           progress=gr.Progress()):
-    """Check the recipe, build the MoE into the session's folder, load it for the arena."""
-    import tempfile
-
+    """Check the recipe, build the MoE into the session's folder (within the server's memory
+    budget), load it for the arena."""
     from merging.generation import load_model
     from merging.moe import build_moe, plan_moe
 
-    try:
-        config = _moe_config(recipe)
-        plan = plan_moe(config)
-        session = SESSIONS.get(request.session_hash if request else None)
+    config = _moe_config(recipe)
+    plan = plan_moe(config)
+    with SESSIONS.use(session_hash(request)) as session:
         warnings = "".join(f"\n\nwarning: {w}" for w in plan.warnings)
-        yield f"Building {len(config.experts)} experts: {_estimate(plan)}.{warnings}"
-        started = time.perf_counter()
-
-        def report(stage, done, total):
-            progress(done / total, desc=stage)
-
-        with session.lock:
-            if session.workdir is None:
-                session.workdir = tempfile.mkdtemp(prefix="mergelab-session-")
+        with session.lock.write():
             session.moe = None  # the old model goes before the new one is built
-            out = build_moe(config, Path(session.workdir) / "moe", progress=report, overwrite=True, plan=plan)
+            base = sum(info.nbytes for info in plan.base.tensors.values()) if config.gate_mode.startswith("hidden") else 0
+            SESSIONS.reserve(session, "moe", plan.output_bytes + base)
+            yield f"Building {len(config.experts)} experts: {_estimate(plan)}.{warnings}"
+            started = time.perf_counter()
+
+            def report(stage, done, total):
+                progress(done / total, desc=stage)
+
+            out = build_moe(config, session.workdir() / "moe", progress=report, overwrite=True, plan=plan)
             progress(1.0, desc="loading the model")
             session.moe = (*load_model(out), [short_name(e.source_model) for e in config.experts])
+            SESSIONS.reserve(session, "moe", model_bytes(session.moe[0]))
         seconds = time.perf_counter() - started
-        warnings = "".join(f"\n\nwarning: {w}" for w in plan.warnings)
         entry = remember(recipe, "moe", request, profile)
-        yield (f"**Built** (history #{entry}) a MixtralForCausalLM with {len(config.experts)} experts, "
-               f"{config.experts_per_token} per token, {plan.parameter_count / 1e6:.0f} M parameters "
-               f"in {seconds:.1f} s.{warnings}")
-    except Exception as error:
-        raise friendly(error) from None
+    yield (f"**Built** (history #{entry}) a MixtralForCausalLM with {len(config.experts)} experts, "
+           f"{config.experts_per_token} per token, {plan.parameter_count / 1e6:.0f} M parameters "
+           f"in {seconds:.1f} s.{warnings}")
 
 
 def token_strip(tokens: list[str], experts: list[int], shares, names: list[str]) -> str:
@@ -145,23 +142,24 @@ def routing_figure(probabilities, names: list[str], per_token: int) -> go.Figure
 
 
 @gpu
+@handler
 def ask(prompt: str, max_new_tokens: float, temperature: float, seed: float, request: gr.Request = None):
     """The MoE's answer, its tokens coloured by expert, and the routers' choice per layer."""
-    from merging.generation import Sampling
+    from merging.limits import limit
     from merging.routing import generate_routed
 
-    session = SESSIONS.get(request.session_hash if request else None)
-    if getattr(session, "moe", None) is None:
-        raise gr.Error("press Build first: there is no mixture of experts yet")
-    if not prompt or not prompt.strip():
-        raise gr.Error("write a prompt first")
-    model, tokenizer, names = session.moe
-    sampling = Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=int(seed))
-    started = time.perf_counter()
-    try:
-        answer = generate_routed(model, tokenizer, prompt, sampling)
-    except Exception as error:
-        raise friendly(error) from None
+    from .lab import arena_sampling
+
+    sampling = arena_sampling(prompt, max_new_tokens, temperature, seed)
+    known = SESSIONS.peek(session_hash(request))
+    if known is None or known.moe is None:
+        raise MergeError("press Build first: there is no mixture of experts yet")
+    with SESSIONS.use(session_hash(request)) as session, session.lock.read():
+        if session.moe is None:
+            raise MergeError("press Build first: there is no mixture of experts yet")
+        model, tokenizer, names = session.moe
+        started = time.perf_counter()
+        answer = generate_routed(model, tokenizer, prompt, sampling, max_prompt_tokens=limit("prompt_tokens"))
     seconds = time.perf_counter() - started
     counts = [answer.answer_experts.count(i) for i in range(len(names))]
     summary = ", ".join(f"{names[i]} {count}" for i, count in enumerate(counts))
@@ -204,7 +202,7 @@ def build_moe_panel(family: Optional[dict]) -> gr.Code:
     form = [base, gate_mode, per_token, dtype, *slots]
     write.click(form_to_recipe, inputs=form, outputs=recipe, api_name="moe_recipe")
     read.click(recipe_to_form, inputs=recipe, outputs=form, api_name="moe_form")
-    build_button.click(build, inputs=recipe, outputs=status, api_name="moe_build", concurrency_limit=1)
+    build_button.click(build, inputs=recipe, outputs=status, api_name="moe_build", **heavy_queue())
 
     gr.Markdown("### Ask the mixture: each answer token coloured by the expert it was routed to")
     with gr.Row():

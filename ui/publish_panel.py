@@ -10,11 +10,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from merging import MergeConfig, MergeError
+from merging import MergeConfig, MergeError, merge, plan_stages
+from merging.limits import check as check_limit, is_public_deployment
 
-from .common import friendly, read_recipe, user_key
-from .recipe_panel import is_public_deployment
-from .session import history
+from .common import handler, heavy_queue, read_recipe, session_hash, user_key
+from .session import SESSIONS, history
 
 
 def _config(recipe: str) -> MergeConfig:
@@ -33,62 +33,62 @@ def scores_section(recipe: str, user: str) -> str:
 
 
 def _merge(recipe: str, target: Path, user: str, progress) -> Path:
-    from merging import merge
-
-    return merge(_config(recipe), target, card_extra=scores_section(recipe, user),
+    """The recipe's merge into `target`, once its size is within the output limit."""
+    config = _config(recipe)
+    plans = plan_stages(config)
+    size = plans[-1].output_bytes
+    check_limit("output_bytes", size, f"this merge writes {size / 1e9:.1f} GB")
+    return merge(config, target, card_extra=scores_section(recipe, user), plans=plans,
                  progress=lambda done, total, name: progress(done / total, desc=f"merging {name}"))
 
 
+@handler
 def save_merge(recipe: str, folder: str, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
                progress=gr.Progress()) -> str:
-    """Write the recipe's merge to a folder with its model card (merge(), atomic)."""
-    try:
-        _config(recipe)
-        if not folder or not folder.strip():
-            raise MergeError("give a folder to save the merged model in")
-        target = Path(folder).expanduser()
-        if is_public_deployment():  # only under the deployment's outputs folder
-            outputs = Path(os.environ.get("MERGELAB_OUTPUTS", "outputs")).resolve()
-            target = (outputs / target.name).resolve()
-        _merge(recipe, target, user_key(request, profile), progress)
-        return f"**Saved** to `{target}`: weights, config, tokenizer and a model card with the recipe."
-    except Exception as error:
-        raise friendly(error) from None
+    """Write the recipe's merge to a folder with its model card (merge(), atomic). Not on a
+    public deployment: the server's disk is not the visitor's (publish to the hub instead)."""
+    if is_public_deployment():
+        raise MergeError("saving to the server's disk is off on a public deployment; publish to the hub instead")
+    _config(recipe)
+    if not folder or not folder.strip():
+        raise MergeError("give a folder to save the merged model in")
+    target = Path(folder).expanduser()
+    _merge(recipe, target, user_key(request, profile), progress)
+    return f"**Saved** to `{target}`: weights, config, tokenizer and a model card with the recipe."
 
 
+@handler
 def publish(recipe: str, repo: str, private: bool, token: str, request: gr.Request = None,
             profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None,
             progress=gr.Progress()) -> str:
-    """Merge into a temporary folder and push it to the hub with the token given, else the
+    """Merge into the session's folder and push it to the hub with the token given, else the
     signed-in user's (on a Space with OAuth), else, run locally, your own `hf auth login`.
-    Hub access is checked before the merge starts."""
+    Hub access is checked before the merge starts; the merged folder is removed afterwards."""
     from merging.publish import check_hub_access, push_to_hub
 
-    try:
-        _config(recipe)
-        token = (token or "").strip() or (oauth_token.token if oauth_token is not None else None)
-        if not token and is_public_deployment():  # never the server's own login
-            raise MergeError("sign in with Hugging Face, or paste a token with write access, to publish")
-        repo_id = check_hub_access(repo, token)
-        work = Path(tempfile.mkdtemp(prefix="mergelab-publish-"))
+    _config(recipe)
+    token = (token or "").strip() or (oauth_token.token if oauth_token is not None else None)
+    if not token and is_public_deployment():  # never the server's own login
+        raise MergeError("sign in with Hugging Face, or paste a token with write access, to publish")
+    repo_id = check_hub_access(repo, token)
+    with SESSIONS.use(session_hash(request)) as session:
+        work = Path(tempfile.mkdtemp(prefix="publish-", dir=session.workdir()))
         try:
             folder = _merge(recipe, work / "model", user_key(request, profile), progress)
             progress(1.0, desc=f"uploading to {repo_id}")
             url = push_to_hub(folder, repo_id, token=token, private=bool(private))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return f"**Published** to [{repo_id}]({url}) ({'private' if private else 'public'})."
-    except Exception as error:
-        raise friendly(error) from None
+    return f"**Published** to [{repo_id}]({url}) ({'private' if private else 'public'})."
 
 
 def build_publish_panel(recipe: gr.Code) -> None:
     gr.Markdown("### Save or publish")
-    with gr.Row():
+    with gr.Row(visible=not is_public_deployment()):  # the server's disk is not a visitor's
         folder = gr.Textbox("merged-model", label="folder", scale=4)
         save = gr.Button("Save the merged model", scale=1)
     saved = gr.Markdown()
-    save.click(save_merge, inputs=[recipe, folder], outputs=saved, api_name="save", concurrency_limit=1)
+    save.click(save_merge, inputs=[recipe, folder], outputs=saved, api_name="save", **heavy_queue())
     with gr.Row():
         if os.environ.get("OAUTH_CLIENT_ID"):  # a Space with hf_oauth; elsewhere a token or hf auth login
             gr.LoginButton(scale=1)
@@ -100,4 +100,4 @@ def build_publish_panel(recipe: gr.Code) -> None:
         push = gr.Button("Publish to the hub", scale=1)
     published = gr.Markdown()
     push.click(publish, inputs=[recipe, repo, private, token], outputs=published, api_name="publish",
-               concurrency_limit=1)
+               **heavy_queue())

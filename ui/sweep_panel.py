@@ -7,9 +7,7 @@ as CSV; every point is recorded in the history with its scores.
 from __future__ import annotations
 
 import csv
-import queue
-import tempfile
-import threading
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,9 +15,10 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from merging import MergeConfig, MergeError
+from merging.limits import check as check_limit, clamp_check
 
 from .builder import short_name
-from .common import friendly, gpu, read_recipe, remember, text_lines
+from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash, text_lines
 from .session import SESSIONS
 
 PROBE_SETS = ("json skill", "reverse skill")  # the demo family's held-out probes
@@ -35,10 +34,10 @@ def parameter_choices(recipe: str, quiet: bool = False):
     each model, and a layer range of t. `quiet`: an unreadable recipe changes nothing."""
     try:
         config = _config(recipe)
-    except Exception as error:
+    except Exception:
         if quiet:
             return gr.update()
-        raise friendly(error) from None
+        raise
     numeric = [p for p in config.method.parameters if p.kind in (float, int)]
     choices = [(f"{p.name} (everywhere)", p.name) for p in numeric if not p.per_model]
     models = [m.model for m in config.models or []] + [s.model for sl in config.slices or [] for s in sl.sources]
@@ -50,9 +49,24 @@ def parameter_choices(recipe: str, quiet: bool = False):
     return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
 
+@handler
+def sweep_parameters(recipe: str):
+    return parameter_choices(recipe)
+
+
 def _lines(text: Optional[str], upload: Optional[str]) -> list[str]:
-    uploaded = Path(upload).read_text(encoding="utf-8", errors="replace") if upload else ""
-    return text_lines(text) + text_lines(uploaded)
+    """Texts to score, one per line, from the box and an uploaded file, within the limits."""
+    uploaded = ""
+    if upload:
+        size = os.path.getsize(upload)
+        check_limit("score_bytes", size, f"the uploaded file is {size} bytes")
+        uploaded = Path(upload).read_text(encoding="utf-8", errors="replace")
+    text = text or ""
+    size = len(text.encode("utf-8", "replace")) + len(uploaded.encode("utf-8", "replace"))
+    check_limit("score_bytes", size, f"the texts to score are {size} bytes")
+    lines = text_lines(text) + text_lines(uploaded)
+    check_limit("score_lines", len(lines), f"there are {len(lines)} texts to score")
+    return lines
 
 
 def _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count) -> dict:
@@ -64,9 +78,12 @@ def _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count) -> d
         lines = _lines(text, upload)
         if lines:
             scorers[name] = perplexity_scorer(lines)
+    count = clamp_check("probes", probe_count, "probes per set", minimum=1)
     for probe_set in probe_sets or []:
+        if probe_set not in PROBE_SETS:
+            raise MergeError(f"unknown probe set '{probe_set}'")
         skill = probe_set.split()[0]
-        scorers[f"{skill} probes"] = probe_scorer(probes(skill, int(probe_count)))
+        scorers[f"{skill} probes"] = probe_scorer(probes(skill, count))
     if not scorers:
         raise MergeError("give some texts for perplexity or pick a probe set to score the points with")
     return scorers
@@ -75,8 +92,7 @@ def _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count) -> d
 def values_between(start: float, stop: float, points: int) -> list[float]:
     if points < 2:
         raise MergeError("a sweep needs at least 2 points")
-    if points > 101:
-        raise MergeError("a sweep takes at most 101 points")
+    check_limit("sweep_points", points, f"the sweep has {points} points")
     return [round(start + (stop - start) * i / (points - 1), 6) for i in range(points)]
 
 
@@ -96,81 +112,87 @@ def sweep_figure(rows: list[dict], names: list[str], parameter: str) -> go.Figur
     return figure
 
 
-def _csv(rows: list[dict], names: list[str], parameter: str) -> str:
-    handle = tempfile.NamedTemporaryFile("w", suffix=".csv", prefix="sweep-", delete=False, newline="")
-    with handle:
+def _write_csv(path: Path, rows: list[dict], names: list[str], parameter: str) -> str:
+    """The table as CSV, one file per session (each sweep overwrites the last)."""
+    with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([parameter, *names, "history id"])
         for row in rows:
             writer.writerow([row["value"], *[row[n] for n in names], row.get("history", "")])
-    return handle.name
+    return str(path)
 
 
 @gpu
+@handler
 def run_sweep(recipe: str, parameter: str, first_layer: float, last_layer: float, start: float, stop: float,
               points: float, texts_a: str, upload_a, texts_b: str, upload_b, probe_sets: list, probe_count: float,
               request: gr.Request = None, profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
     """Score the recipe at each value, yielding (plot, table, status, CSV file, point
-    choices) as each point finishes. The Stop button ends it after the current point."""
-    from merging.evaluate import sweep
+    choices) as each point finishes. Each point is merged and scored in this request's own
+    thread, between yields: Stop, or a cancelled request, ends the sweep after the point."""
+    from merging import LiveMerge
+    from merging.evaluate import iter_sweep
+    from merging.pipeline import plan_stages
 
-    session = SESSIONS.get(request.session_hash if request else None)
-    try:
-        config = _config(recipe)
-        if not parameter:
-            raise MergeError("pick a parameter to sweep")
-        if parameter.endswith(LAYER_RANGE):
-            parameter = f"{parameter}:{int(first_layer)}-{int(last_layer)}"
-        values = values_between(float(start), float(stop), int(points))
-        scorers = _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count)
-    except Exception as error:
-        raise friendly(error) from None
+    from .lab import LIVE_CACHE_BYTES, merged_model_bytes
+
+    config = _config(recipe)
+    if not parameter:
+        raise MergeError("pick a parameter to sweep")
+    parameter = str(parameter)
+    if parameter.endswith(LAYER_RANGE):
+        parameter = f"{parameter}:{int(first_layer)}-{int(last_layer)}"
+    values = values_between(float(start), float(stop), int(points))
+    scorers = _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count)
     names = list(scorers)
-    finished: queue.Queue = queue.Queue()
-    session.stop_sweep = False
-    session.sweep_rows = []
+    with SESSIONS.use(session_hash(request)) as session:
+        session.stop_sweep.clear()
+        session.sweep_rows = []
 
-    def work():
+        def build(point):
+            SESSIONS.reserve(session, "sweep", merged_model_bytes(plan_stages(point)[0]) + LIVE_CACHE_BYTES)
+            return LiveMerge(point, cache_budget_bytes=LIVE_CACHE_BYTES)
+
+        rows: list[dict] = []
+        figure, table, choices = gr.update(), [], gr.update()
+        progress(0, desc=f"point 1 of {len(values)}")
+        yield figure, table, f"Merging and scoring {len(values)} points of {parameter} ...", None, choices
         try:
-            sweep(config, parameter, values, scorers, progress=lambda done, total, row: finished.put(row),
-                  should_stop=lambda: session.stop_sweep)
-        except Exception as error:  # shown in the browser, not lost in a thread
-            finished.put(error)
-        finished.put(None)
-
-    threading.Thread(target=work, daemon=True).start()
-    rows: list[dict] = []
-    figure, table, csv_path, choices = gr.update(), [], None, gr.update()
-    progress(0, desc=f"point 1 of {len(values)}")
-    yield figure, table, f"Merging and scoring {len(values)} points of {parameter} ...", csv_path, choices
-    while (item := finished.get()) is not None:
-        if isinstance(item, Exception):
-            raise friendly(item)
-        item["history"] = remember(item["recipe"], "sweep point", request, profile,
-                                   {name: item[name] for name in names} | {parameter: item["value"]})
-        rows.append(item)
-        session.sweep_rows = rows
-        progress(len(rows) / len(values), desc=f"point {len(rows)} of {len(values)}")
-        figure = sweep_figure(rows, names, parameter)
-        table = {"headers": [parameter, *names, "history id"],
-                 "data": [[r["value"], *[round(r[n], 4) for n in names], r["history"]] for r in rows]}
-        csv_path = _csv(rows, names, parameter)
-        choices = gr.update(choices=[(f"{parameter} = {r['value']:g}", i) for i, r in enumerate(rows)])
-        yield figure, table, f"{len(rows)} of {len(values)} points", csv_path, choices
+            for row in iter_sweep(config, parameter, values, scorers, build=build):
+                row["history"] = remember(row["recipe"], "sweep point", request, profile,
+                                          {name: row[name] for name in names} | {parameter: row["value"]})
+                rows.append(row)
+                session.sweep_rows = rows
+                progress(len(rows) / len(values), desc=f"point {len(rows)} of {len(values)}")
+                figure = sweep_figure(rows, names, parameter)
+                table = {"headers": [parameter, *names, "history id"],
+                         "data": [[r["value"], *[round(r[n], 4) for n in names], r["history"]] for r in rows]}
+                choices = gr.update(choices=[(f"{parameter} = {r['value']:g}", i) for i, r in enumerate(rows)])
+                if session.stop_sweep.is_set() or len(rows) == len(values):
+                    break
+                yield figure, table, f"{len(rows)} of {len(values)} points", None, choices
+        finally:
+            SESSIONS.release(session, "sweep")  # the sweep's model goes with the loop
+        csv_path = _write_csv(session.workdir() / "sweep.csv", rows, names, parameter) if rows else None
     stopped = " (stopped)" if len(rows) < len(values) else ""
     yield figure, table, f"**Done**{stopped}: {len(rows)} points, recorded in the history.", csv_path, choices
 
 
+@handler
 def stop_sweep(request: gr.Request = None) -> str:
-    SESSIONS.get(request.session_hash if request else None).stop_sweep = True
+    session = SESSIONS.peek(session_hash(request))
+    if session is not None:
+        session.stop_sweep.set()
     return "Stopping after the current point."
 
 
+@handler
 def point_recipe(index: Optional[int], request: gr.Request = None) -> str:
     """The recipe of one finished point, for the Lab (which then merges it)."""
-    rows = getattr(SESSIONS.get(request.session_hash if request else None), "sweep_rows", None) or []
+    session = SESSIONS.peek(session_hash(request))
+    rows = session.sweep_rows if session is not None else []
     if index is None or not 0 <= int(index) < len(rows):
-        raise gr.Error("run a sweep, then pick one of its points")
+        raise MergeError("run a sweep, then pick one of its points")
     return rows[int(index)]["recipe"]
 
 
@@ -215,9 +237,9 @@ def build_sweep_panel(lab_recipe: gr.Code, family: Optional[dict], after_load, t
         point = gr.Dropdown([], label="load a point into the Lab (and merge it)", type="value")
     inputs = [lab_recipe, parameter, first_layer, last_layer, start, stop, points, texts_a, upload_a, texts_b,
               upload_b, probe_sets, probe_count]
-    refresh.click(parameter_choices, inputs=lab_recipe, outputs=parameter, api_name="sweep_parameters")
+    refresh.click(sweep_parameters, inputs=lab_recipe, outputs=parameter, api_name="sweep_parameters")
     tab.select(lambda recipe: parameter_choices(recipe, quiet=True), inputs=lab_recipe, outputs=parameter)
     run.click(run_sweep, inputs=inputs, outputs=[plot, table, status, csv_file, point], api_name="sweep",
-              concurrency_limit=1)
+              **heavy_queue())
     stop_button.click(stop_sweep, outputs=status, api_name="sweep_stop")
     after_load(point.input(point_recipe, inputs=point, outputs=lab_recipe, api_name="sweep_point"))
