@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .access import HUB_ID, current_access, hub_token
 from .architecture import layer_count, split_layer_name
 from .errors import MergeError
 
@@ -31,7 +32,6 @@ TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "merges.txt", "vocab.txt",
                 "*.jinja", "*.tiktoken"]
 HUB_SMALL_PATTERNS = [p for p in HUB_PATTERNS if p != "*.safetensors"]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,12 @@ class Checkpoint:
         from .gguf_source import GGUFCheckpoint, gguf_file  # these build on this module: imported here
         from .lora import is_adapter_folder, open_lora
 
+        access = current_access()
+        if access.restricted:  # a public deployment: hub ids go to the hub, local paths only if allowed
+            if "+" in reference:
+                return open_lora(reference, download_weights)  # each side is checked on its own
+            if access.reads_from_hub(reference):
+                return open_hub_model(reference, download_weights)
         folder = Path(reference).expanduser()
         if ("+" in reference and not folder.exists()) or (folder.is_dir() and is_adapter_folder(folder)):
             return open_lora(reference, download_weights)
@@ -325,9 +331,13 @@ def open_hub_model(reference: str, download_weights: bool = True) -> Checkpoint:
     files. Without `download_weights`, only small files are fetched and tensor shapes
     come from the safetensors headers on the hub (enough for checks and plans)."""
     repo, revision = split_hub_id(reference)
-    folder = _hub_snapshot(reference, repo, revision, HUB_PATTERNS, local_only=True)
-    if folder is not None and any(folder.glob("*.safetensors")):
-        return Checkpoint.from_folder(folder, reference)
+    if current_access().restricted:
+        # the cache is shared by every visitor: ask the hub whether this one may read the repo
+        check_hub_read_access(reference, repo, revision)
+    else:
+        folder = _hub_snapshot(reference, repo, revision, HUB_PATTERNS, local_only=True)
+        if folder is not None and any(folder.glob("*.safetensors")):
+            return Checkpoint.from_folder(folder, reference)
     if not download_weights:
         folder = _hub_snapshot(reference, repo, revision, HUB_SMALL_PATTERNS, local_only=False)
         config = read_config(folder, reference)
@@ -369,7 +379,7 @@ def _hub_snapshot(reference: str, repo: str, revision: Optional[str], patterns: 
                          "offline (HF_HUB_OFFLINE is set)")
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
-                                      local_files_only=local_only))
+                                      local_files_only=local_only, token=hub_token()))
     except hub_errors.GatedRepoError:
         raise MergeError(f"model '{repo}' is gated: accept its terms on the hub and log in "
                          "(hf auth login)") from None
@@ -385,11 +395,35 @@ def _hub_snapshot(reference: str, repo: str, revision: Optional[str], patterns: 
                          f"reachable and the model is not in the cache ({type(error).__name__})") from None
 
 
+def check_hub_read_access(reference: str, repo: str, revision: Optional[str]) -> None:
+    """Ask the hub, with the current token, whether the repo can be read: a model another
+    visitor's token brought into the shared cache is not readable without it
+    (huggingface_hub itself falls back to the cache when the hub says no)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub_errors
+
+    if hub_offline():
+        raise MergeError(f"model '{reference}': the hub is offline here (HF_HUB_OFFLINE is set), so "
+                         "access to it cannot be checked")
+    try:
+        HfApi(endpoint=hub_endpoint()).model_info(repo, revision=revision, token=hub_token())
+    except hub_errors.GatedRepoError:
+        raise MergeError(f"model '{repo}' is gated: accept its terms on the hub and sign in") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise MergeError(f"no model '{repo}' on the Hugging Face hub that you can read (if it is "
+                         "private, sign in)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise MergeError(f"model '{repo}' has no revision '{revision}'") from None
+    except Exception as error:  # connection errors come in many types
+        raise MergeError(f"cannot reach the Hugging Face hub to check model '{reference}' "
+                         f"({type(error).__name__})") from None
+
+
 def _hub_tensor_infos(reference: str, repo: str, revision: Optional[str]) -> dict[str, TensorInfo]:
     from huggingface_hub import get_safetensors_metadata
 
     try:
-        metadata = get_safetensors_metadata(repo, revision=revision)
+        metadata = get_safetensors_metadata(repo, revision=revision, token=hub_token())
     except Exception as error:
         raise MergeError(f"cannot read the safetensors headers of '{reference}' from the hub "
                          f"({type(error).__name__})") from None

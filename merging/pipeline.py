@@ -80,21 +80,42 @@ def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Opt
         work = Path(intermediate_dir) if keep else make_sibling_folder(out_dir, "stages")
         work.mkdir(parents=True, exist_ok=True)
         try:
-            written: dict[str, Checkpoint] = {}
-            for index, plan in enumerate(plans):
-                stage = plan.config
-                # swap the planned stand-ins for the folders the earlier stages wrote
-                plan.checkpoints.update({name: written[name] for name in plan.checkpoints if name in written})
-                if index == len(plans) - 1:
-                    write_merge(plan, out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
-                else:  # an intermediate folder left by an earlier run is stale: replace it
-                    target = work / stage_folder_name(index, stage.name)
-                    write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=True)
-                    written[stage.name] = Checkpoint.from_folder(target, stage.name)
+            written = write_earlier_stages(plans, work, device, progress, seed, out_shard_size)
+            final = plans[-1]
+            final.checkpoints.update({name: written[name] for name in final.checkpoints if name in written})
+            write_merge(final, out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
             return out_dir
         finally:
             if not keep:
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def write_earlier_stages(plans: list[MergePlan], work: Path, device: str = "auto",
+                         progress: Optional[Progress] = None, seed: int = 0,
+                         out_shard_size: int = DEFAULT_SHARD_BYTES) -> dict[str, Checkpoint]:
+    """Write every stage but the last into `work`, in order, each under a folder name chosen
+    here; returns the written checkpoints by stage name."""
+    written: dict[str, Checkpoint] = {}
+    for index, plan in enumerate(plans[:-1]):
+        # swap the planned stand-ins for the folders the earlier stages wrote
+        plan.checkpoints.update({name: written[name] for name in plan.checkpoints if name in written})
+        target = work / stage_folder_name(index, plan.config.name)
+        # an intermediate folder left by an earlier run is stale: replace it
+        write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=True)
+        written[plan.config.name] = Checkpoint.from_folder(target, plan.config.name)
+    return written
+
+
+def merge_stages_into(config, work: Union[str, Path], device: str = "auto", progress: Optional[Progress] = None,
+                      *, seed: int = 0, plans: Optional[list[MergePlan]] = None) -> MergeConfig:
+    """Write the earlier stages of a multi-stage config into `work` and return its last stage
+    with their names replaced by those folders: what a live merge of the file merges."""
+    config = load_config(config)
+    plans = plans or plan_stages(config)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    written = write_earlier_stages(plans, work, device, progress, seed)
+    return plans[-1].config.with_models_renamed({name: str(c.folder) for name, c in written.items()})
 
 
 def stage_folder_name(index: int, name: str) -> str:
@@ -138,4 +159,4 @@ def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[
     return Path(out_dir)
 
 
-__all__ = ["merge", "plan_stages", "open_checkpoints", "fetch_weights", "MergeError"]
+__all__ = ["merge", "merge_stages_into", "plan_stages", "open_checkpoints", "fetch_weights", "MergeError"]
