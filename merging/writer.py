@@ -174,7 +174,8 @@ def _nearest_existing(folder: Path) -> Path:
 # Everything a run keeps beside OUT_DIR is named `.<name>.<kind>-<random>`: while the claim
 # on OUT_DIR is held, any such folder there belongs to a run that died, and is removed.
 SIBLING_KINDS = ("partial", "old", "stages")
-_SIBLING_SUFFIX = re.compile(r"(?:partial|old|stages)-[0-9a-z_]+")  # no '.' or '-': another name's siblings never match
+# No '.' or '-' after the kind: the siblings of `a.partial-x` (`.a.partial-x.partial-...`) are not `a`'s.
+_SIBLING_SUFFIX = re.compile(r"(?:partial|old|stages)-[0-9a-z_]+")
 # The folders this call chain holds, so a multi-stage merge can hold its output across
 # stages while the final stage's atomic_folder claims it again (a context, not a global:
 # another thread writing to the same folder still collides on the lock).
