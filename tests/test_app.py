@@ -174,11 +174,11 @@ def test_recipe_from_controls_gives_the_base_a_weight_when_it_is_an_input(demo_f
 
 
 def test_memory_estimate_is_shown_before_loading(demo_family):
-    from merging import MergeConfig
+    from merging import plan_stages
     from ui.lab import LAB_RECIPE, memory_estimate
 
-    config = MergeConfig.from_yaml(LAB_RECIPE.format(**{k: str(v) for k, v in demo_family.items()}))
-    text = memory_estimate(config)
+    plan = plan_stages(LAB_RECIPE.format(**{k: str(v) for k, v in demo_family.items()}))[0]
+    text = memory_estimate(plan)
     assert text.startswith("about 538.1 MB for the merged model")  # 134.5M float32 values
     assert "538.1 MB of source weights mapped" in text  # two bfloat16 children
 
