@@ -50,7 +50,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int = 0
 
-    def generate_kwargs(self, tokenizer, stop: Optional[threading.Event] = None, device="cpu") -> dict:
+    def generate_kwargs(self, tokenizer, stop: Optional[threading.Event] = None) -> dict:
         """Arguments for `model.generate`: always greedy over the processed logits, so the
         model's own generation_config (SmolLM2's says do_sample=True) cannot bring back
         sampling from the global generator. The repetition penalty is left to transformers
@@ -66,7 +66,7 @@ class Sampling:
                 processors.append(TopKLogitsWarper(self.top_k))
             if self.top_p < 1.0:
                 processors.append(TopPLogitsWarper(self.top_p))
-            processors.append(GumbelSampler(torch.Generator(device=device).manual_seed(self.seed)))
+            processors.append(GumbelSampler(self.seed))
         return {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
                 "pad_token_id": pad_id(tokenizer), "do_sample": False, "temperature": None, "top_p": None,
                 "top_k": None, "logits_processor": processors,
@@ -80,12 +80,16 @@ class GumbelSampler:  # a transformers LogitsProcessor, not subclassed so this m
 
     is distributed as softmax(s) (the Gumbel-max trick), so with s the logits after the
     repetition penalty, 1/T and the top-k/top-p warpers, greedy picks a sample of
-    softmax(s); tokens a warper removed stay at -inf and are never picked."""
+    softmax(s); tokens a warper removed stay at -inf and are never picked. One sampler per
+    generation: its generator is seeded once and then moves on token by token."""
 
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generator: Optional[torch.Generator] = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generator is None:  # made where the logits are, which may not be the first layer's device
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
         uniform = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float32)
         # u = 0 would give -inf noise; the smallest float keeps every token possible
         gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
@@ -161,7 +165,7 @@ def stream(model, tokenizer, messages: Messages, sampling: Sampling = Sampling()
     inputs = chat_inputs(tokenizer, messages, device, max_prompt_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
-    kwargs = sampling.generate_kwargs(tokenizer, stop, device)
+    kwargs = sampling.generate_kwargs(tokenizer, stop)
     outputs: dict = {}
 
     def run():

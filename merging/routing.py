@@ -177,7 +177,7 @@ def generate_routed(model, tokenizer, messages, sampling=None, max_prompt_tokens
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
     inputs = chat_inputs(tokenizer, messages, device, max_prompt_tokens)
-    ids = model.generate(**inputs, **sampling.generate_kwargs(tokenizer, device=device))[0]
+    ids = model.generate(**inputs, **sampling.generate_kwargs(tokenizer))[0]
     prompt_length = inputs["input_ids"].shape[1]
     answer = ids[prompt_length:]
     if len(answer) and answer[-1].item() in _end_ids(tokenizer, model):
