@@ -7,6 +7,7 @@ Every handler takes the session from the registry; no model or tensor goes into 
 from __future__ import annotations
 
 import random
+from contextlib import closing
 from typing import Optional
 
 import gradio as gr
@@ -170,12 +171,14 @@ def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, blind: 
             label, model, tokenizer = panes[source]
             shown = f"pane {index + 1}" if blind else label
             histories[index].append({"role": "assistant", "content": ""})
-            for piece in stream(model, tokenizer, prompt, sampling, max_prompt_tokens=limit("prompt_tokens")):
-                if isinstance(piece, str):
-                    histories[index][-1]["content"] += piece
-                else:
-                    speeds[index] = f"{shown}: {piece.new_tokens} tokens, {piece.tokens_per_second:.1f} tokens/s"
-                yield (*histories, " · ".join(s for s in speeds if s))
+            # closing(): a cancelled request closes this generator, and with it the generation thread
+            with closing(stream(model, tokenizer, prompt, sampling, max_prompt_tokens=limit("prompt_tokens"))) as pieces:
+                for piece in pieces:
+                    if isinstance(piece, str):
+                        histories[index][-1]["content"] += piece
+                    else:
+                        speeds[index] = f"{shown}: {piece.new_tokens} tokens, {piece.tokens_per_second:.1f} tokens/s"
+                    yield (*histories, " · ".join(s for s in speeds if s))
 
 
 @handler

@@ -297,13 +297,14 @@ class SessionRegistry:
         return True
 
     # ---- the reaper --------------------------------------------------------------
-    def start_reaper(self, every_seconds: float = 30.0) -> None:
-        """One thread, owned here, that frees idle sessions until stop_reaper()."""
+    def start_reaper(self) -> None:
+        """One thread, owned here, that frees idle sessions until stop_reaper(); it looks
+        every quarter of the idle limit (at most every 30 s)."""
         if self._reaper is not None:
             return
 
         def run():
-            while not self._stopping.wait(every_seconds):
+            while not self._stopping.wait(min(30.0, max(1.0, limit("session_idle_seconds") / 4))):
                 self.expire_idle()
 
         self._reaper = threading.Thread(target=run, name="mergelab-session-reaper", daemon=True)
