@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -14,7 +13,7 @@ from .engine import Progress, resolve_device, run_plan
 from .errors import MergeError
 from .plan import MergePlan, plan_merge
 from .writer import (ShardedSafetensorsWriter, atomic_folder, check_output_folder, claim_folder,
-                     make_sibling_folder)
+                     make_sibling_folder, remove_siblings)
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
@@ -77,17 +76,17 @@ def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Opt
     # this run's stages folder, named like the output's other siblings, is never taken for stale.
     with claim_folder(out_dir):
         keep = intermediate_dir is not None
-        work = Path(intermediate_dir) if keep else make_sibling_folder(out_dir, "stages")
-        work.mkdir(parents=True, exist_ok=True)
         try:
+            work = Path(intermediate_dir) if keep else make_sibling_folder(out_dir, "stages")
+            work.mkdir(parents=True, exist_ok=True)
             written = write_earlier_stages(plans, work, device, progress, seed, out_shard_size)
             final = plans[-1]
             final.checkpoints.update({name: written[name] for name in final.checkpoints if name in written})
             write_merge(final, out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
             return out_dir
         finally:
-            if not keep:
-                shutil.rmtree(work, ignore_errors=True)
+            if not keep:  # by pattern: an interruption may come before `work` is assigned
+                remove_siblings(out_dir, ("stages",))
 
 
 def write_earlier_stages(plans: list[MergePlan], work: Path, device: str = "auto",

@@ -172,10 +172,10 @@ def _nearest_existing(folder: Path) -> Path:
 
 # ---- claiming an output folder ----------------------------------------------------------
 # Everything a run keeps beside OUT_DIR is named `.<name>.<kind>-<random>`: while the claim
-# on OUT_DIR is held, any such folder there belongs to a run that died, and is removed.
+# on OUT_DIR is held, any such folder there is this run's or a dead run's. So cleanup goes by
+# pattern, not by a remembered name: an interruption may land between a folder's creation
+# and the assignment of its name.
 SIBLING_KINDS = ("partial", "old", "stages")
-# No '.' or '-' after the kind: the siblings of `a.partial-x` (`.a.partial-x.partial-...`) are not `a`'s.
-_SIBLING_SUFFIX = re.compile(r"(?:partial|old|stages)-[0-9a-z_]+")
 # The folders this call chain holds, so a multi-stage merge can hold its output across
 # stages while the final stage's atomic_folder claims it again (a context, not a global:
 # another thread writing to the same folder still collides on the lock).
@@ -200,7 +200,7 @@ def claim_folder(out_dir: Path) -> Iterator[Path]:
     descriptor = _lock(out_dir)
     token = _held.set(held | {out_dir})
     try:
-        remove_stale_siblings(out_dir)
+        remove_siblings(out_dir)
         yield out_dir
     finally:
         _held.reset(token)
@@ -248,22 +248,29 @@ def _is_file_at(path: Path, descriptor: int) -> bool:
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
-def remove_stale_siblings(out_dir: Path) -> list[str]:
-    """Remove the `.<name>.partial-*`, `.old-*` and `.stages-*` entries beside `out_dir`
-    (call only while holding its claim); returns their names."""
+def sibling_paths(out_dir: Path, kinds=SIBLING_KINDS) -> list[Path]:
+    """The `.<name>.<kind>-<random>` entries beside `out_dir`."""
+    out_dir = Path(out_dir).resolve()
     prefix = f".{out_dir.name}."
+    # no '.' or '-' after the kind: the siblings of `a.partial-x` (`.a.partial-x.partial-...`) are not `a`'s
+    suffix = re.compile(rf"(?:{'|'.join(kinds)})-[0-9a-z_]+")
+    return sorted(Path(entry.path) for entry in os.scandir(out_dir.parent)
+                  if entry.name.startswith(prefix) and suffix.fullmatch(entry.name[len(prefix):]))
+
+
+def remove_siblings(out_dir: Path, kinds=SIBLING_KINDS) -> list[str]:
+    """Remove the `.<name>.<kind>-*` entries beside `out_dir`; call only while holding its
+    claim (then they are this run's or a dead run's). Returns their names."""
     removed = []
-    for entry in os.scandir(out_dir.parent):
-        if not (entry.name.startswith(prefix) and _SIBLING_SUFFIX.fullmatch(entry.name[len(prefix):])):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
+    for path in sibling_paths(out_dir, kinds):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
         else:
             try:
-                os.unlink(entry.path)
+                os.unlink(path)
             except OSError:
                 pass
-        removed.append(entry.name)
+        removed.append(path.name)
     return removed
 
 
@@ -292,27 +299,27 @@ def atomic_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_folder(out_dir, overwrite)
     with claim_folder(out_dir):
         check_output_folder(out_dir, overwrite)  # a run may have finished between the check and the claim
-        temporary = make_sibling_folder(out_dir, "partial")
         try:
+            temporary = make_sibling_folder(out_dir, "partial")
             yield temporary
             _move_into_place(temporary, out_dir)
         except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
+            _undo(out_dir)
             raise
 
 
 def _move_into_place(temporary: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        temporary.rename(out_dir)
-        return
-    old = make_sibling_folder(out_dir, "old")
-    try:
+    if out_dir.exists():
+        old = make_sibling_folder(out_dir, "old")
         out_dir.rename(old)  # a folder renamed onto an empty folder replaces it
-        temporary.rename(out_dir)
-    except BaseException:
-        if not out_dir.exists():
-            old.rename(out_dir)  # interrupted between the renames: the user's folder goes back
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    temporary.rename(out_dir)
+    remove_siblings(out_dir, ("old",))
+
+
+def _undo(out_dir: Path) -> None:
+    """After a failure or an interruption at any step: the user's folder back in place if it
+    had been moved aside, and this run's hidden folders gone."""
+    moved_aside = sibling_paths(out_dir, ("old",))
+    if not out_dir.exists() and moved_aside:
+        moved_aside[0].rename(out_dir)
+    remove_siblings(out_dir, ("partial", "old"))
