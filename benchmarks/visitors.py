@@ -66,12 +66,12 @@ class Server:
 
 def launch_app(cache: Path, env: Optional[dict] = None, log: Optional[Path] = None, timeout: float = 180) -> Server:
     """`python app.py` on the demo family in `cache` (MERGELAB_CACHE), on a free local port,
-    offline; returns once the page answers."""
+    offline unless `env` says otherwise; returns once the page answers."""
     port = free_port()
     log = Path(log or Path(cache) / f"app-{port}.log")
-    environment = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-                       GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", MERGELAB_CACHE=str(cache),
-                       **(env or {}))
+    environment = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+                   "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "MERGELAB_CACHE": str(cache),
+                   **(env or {})}
     handle = open(log, "w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=environment, stdout=handle,
                                stderr=subprocess.STDOUT, text=True)

@@ -5,8 +5,9 @@ and HEAD metadata (`/{repo}/resolve/{revision}/{file}`, with Range support), the
 huggingface_hub talks to the real hub. With `storage`, it also takes writes as the hub
 does: who-am-I for a token, repo creation and deletion, preupload (every file "regular",
 so contents arrive inline) and NDJSON commits, writing the files under `storage`;
-`fail_commits` makes commits fail with HTTP 500. It records every request so tests can
-see what was downloaded. Only loopback traffic; nothing leaves the machine.
+`fail_commits` makes commits fail with HTTP 500. It records every request, and the token
+each carried, so tests can see what was downloaded and with whose token; a repo marked in
+`private` is read only with its namespace owner's token. Only loopback traffic; nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class FakeHub:
         self.private: dict[str, bool] = {}
         self.fail_commits = False
         self.requests: list[tuple[str, str, str]] = []  # method, path, Range header
+        self.tokens_sent: list[tuple[str, str]] = []  # path, bearer token ("" when none was sent)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -70,6 +72,7 @@ class FakeHub:
     def handle(self, request: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlparse(request.path).path)
         self.requests.append((request.command, path, request.headers.get("Range", "")))
+        self.tokens_sent.append((path, request.headers.get("Authorization", "").removeprefix("Bearer ").strip()))
         if path == "/api/whoami-v2":
             user = self._user(request)
             if user is None:
@@ -152,9 +155,13 @@ class FakeHub:
     def _json(self, request, payload) -> None:
         self._send(request, 200, json.dumps(payload).encode(), {"Content-Type": "application/json"}, True)
 
+    def _readable(self, request, repo: str) -> bool:
+        """A private repo is read only with a token of its namespace's user, as on the hub."""
+        return not self.private.get(repo) or self._user(request) == repo.split("/")[0]
+
     def _repo_info(self, request, rest: str, body: bool) -> None:
         repo = rest.split("/revision/")[0].split("/tree/")[0]
-        if repo not in self.repos:
+        if repo not in self.repos or not self._readable(request, repo):
             return self._send(request, 404, b'{"error": "Repository not found"}',
                               {"X-Error-Code": "RepoNotFound"}, body)
         folder = self.repos[repo]
@@ -169,7 +176,7 @@ class FakeHub:
 
     def _file(self, request, repo: str, file: str, body: bool) -> None:
         target = self.repos.get(repo, Path("/nonexistent")) / file
-        if repo not in self.repos:
+        if repo not in self.repos or not self._readable(request, repo):
             return self._send(request, 404, b"", {"X-Error-Code": "RepoNotFound"}, body)
         if not target.is_file():
             return self._send(request, 404, b"", {"X-Error-Code": "EntryNotFound"}, body)
