@@ -48,7 +48,7 @@ LIMITS = {
     "score_bytes": Limit(10 * MB, 256 * KB, "bytes of texts to score in a sweep", size=True),
     "sweep_points": Limit(101, 21, "points of a sweep"),
     "probes": Limit(30, 30, "probes per skill in a sweep"),
-    "output_bytes": Limit(10_000 * GB, 2 * GB, "bytes a merge may write", size=True),
+    "output_bytes": Limit(10_000 * GB, 16 * GB, "bytes one merge or MoE build may write to disk", size=True),
     "upload_bytes": Limit(100 * MB, 1 * MB, "bytes of one uploaded file", size=True),
     # the server's lifecycle
     "sessions": Limit(64, 16, "visitor sessions held at once"),

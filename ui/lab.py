@@ -18,7 +18,8 @@ from merging.config import recipe_from_text
 from merging.evaluate import with_parameter
 from merging.generation import Sampling, stream
 from merging.layer_values import edit_range, expand, points_from_config, with_layer_points
-from merging.limits import clamp_check, is_public_deployment, limit
+from merging.limits import check as check_limit, clamp_check, is_public_deployment, limit
+from merging.plan import format_bytes
 from merging.pipeline import merge_stages_into, plan_stages
 
 from . import layers
@@ -61,8 +62,6 @@ def merged_model_bytes(plan) -> int:
 
 def memory_estimate(plan) -> str:
     """What building the session will hold: the merged model, and each parent for the arena."""
-    from merging.plan import format_bytes
-
     sources = sum(info.nbytes for ckpt in plan.checkpoints.values() for info in ckpt.tensors.values())
     return (f"about {format_bytes(merged_model_bytes(plan))} for the merged model, the same again for each of the "
             f"two parents in the arena, and {format_bytes(sources)} of source weights mapped from disk")
@@ -85,6 +84,8 @@ def merge_recipe(recipe: str, trust_remote_code: bool = False, request: gr.Reque
     plans = plan_stages(config)  # every stage checked before any work
     with SESSIONS.use(session_hash(request)) as session:
         if isinstance(config, MultiStageConfig):
+            written = sum(plan.output_bytes for plan in plans[:-1])
+            check_limit("output_bytes", written, f"the earlier stages write {format_bytes(written)}")
             yield f"Merging {len(plans) - 1} earlier stage(s) to disk first."
             config = merge_stages_into(config, session.workdir() / "stages", plans=plans)
             plans = plan_stages(config)

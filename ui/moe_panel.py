@@ -19,6 +19,8 @@ from merging.moe_config import GATE_MODES, Expert, MoEConfig
 
 from .builder import short_name
 from merging import MergeError
+from merging.limits import check as check_limit
+from merging.plan import format_bytes
 
 from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash, text_lines
 from .session import SESSIONS, model_bytes
@@ -87,6 +89,7 @@ def build(recipe: str, request: gr.Request = None, profile: gr.OAuthProfile | No
 
     config = _moe_config(recipe)
     plan = plan_moe(config)
+    check_limit("output_bytes", plan.output_bytes, f"this mixture writes {format_bytes(plan.output_bytes)}")
     with SESSIONS.use(session_hash(request)) as session:
         warnings = "".join(f"\n\nwarning: {w}" for w in plan.warnings)
         with session.lock.write():

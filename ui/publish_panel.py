@@ -12,6 +12,7 @@ import gradio as gr
 
 from merging import MergeConfig, MergeError, merge, plan_stages
 from merging.limits import check as check_limit, is_public_deployment
+from merging.plan import format_bytes
 
 from .common import handler, heavy_queue, read_recipe, session_hash, user_key
 from .session import SESSIONS, history
@@ -37,7 +38,7 @@ def _merge(recipe: str, target: Path, user: str, progress) -> Path:
     config = _config(recipe)
     plans = plan_stages(config)
     size = plans[-1].output_bytes
-    check_limit("output_bytes", size, f"this merge writes {size / 1e9:.1f} GB")
+    check_limit("output_bytes", size, f"this merge writes {format_bytes(size)}")
     return merge(config, target, card_extra=scores_section(recipe, user), plans=plans,
                  progress=lambda done, total, name: progress(done / total, desc=f"merging {name}"))
 
