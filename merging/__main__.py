@@ -151,7 +151,6 @@ def run_config(args, config) -> int:
     from .moe_config import MoEConfig
     from .pipeline import merge, plan_stages
     from .plan import format_bytes
-    from .writer import check_free_space
 
     if isinstance(config, MoEConfig):
         return run_moe(args, config)
@@ -168,19 +167,22 @@ def run_config(args, config) -> int:
         print(f"dry run: all checks passed; nothing was written to {args.out_dir}")
         return 0
 
-    out_parent = Path(args.out_dir).resolve().parent
-    stages_parent = Path(args.intermediate_dir) if args.intermediate_dir else out_parent
-    check_free_space([(stages_parent, plan.disk_bytes) for plan in plans[:-1]]
-                     + [(out_parent, plans[-1].disk_bytes)])
     total = sum(len(plan.tasks) for plan in plans)
     started = time.perf_counter()
-    with tqdm(total=total, unit="tensor", desc="merging", file=sys.stderr, dynamic_ncols=True) as bar:
-        def progress(done, count, name):
-            bar.update(1)
+    bars: list[tqdm] = []  # opened with the first tensor: the checks before it print nothing else
 
+    def progress(done, count, name):
+        if not bars:
+            bars.append(tqdm(total=total, unit="tensor", desc="merging", file=sys.stderr, dynamic_ncols=True))
+        bars[0].update(1)
+
+    try:
         merge(config, args.out_dir, device=args.device, progress=progress, seed=args.seed,
               out_shard_size=args.out_shard_size, intermediate_dir=args.intermediate_dir,
               overwrite=args.overwrite, plans=plans)
+    finally:
+        for bar in bars:
+            bar.close()
     size = sum(plan.output_bytes for plan in plans[-1:])
     print(f"wrote {args.out_dir} ({format_bytes(size)}) in {time.perf_counter() - started:.1f} s",
           file=sys.stderr)
@@ -192,8 +194,7 @@ def run_moe(args, config) -> int:
     from tqdm import tqdm
 
     from .moe import build_moe, plan_moe
-    from .plan import METADATA_MARGIN_BYTES, copied_files_bytes, format_bytes
-    from .writer import check_free_space
+    from .plan import format_bytes
 
     plan = plan_moe(config, allow_identical_experts=args.allow_identical_experts)
     for warning in plan.warnings:
@@ -202,8 +203,6 @@ def run_moe(args, config) -> int:
         print(plan.summary())
         print(f"dry run: all checks passed; nothing was written to {args.out_dir}")
         return 0
-    needed = plan.output_bytes + copied_files_bytes(plan.base.folder) + METADATA_MARGIN_BYTES
-    check_free_space([(Path(args.out_dir).resolve().parent, needed)])
     started = time.perf_counter()
     known = len(plan.warnings)
     bars: dict[str, tqdm] = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

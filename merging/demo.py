@@ -71,15 +71,11 @@ def _complete(folder: Path) -> bool:
 
 
 def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary sibling folder and rename it into place when complete."""
-    from .writer import atomic_folder
+    """Build into a temporary sibling folder and rename it into place when complete (once,
+    whoever else asks for it at the same time)."""
+    from .writer import build_once
 
-    if _complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(target, overwrite=True) as temporary:
-        build(temporary)
-    return target
+    return build_once(target, build, _complete)
 
 
 def build_base(cache: Path, progress: Progress = None) -> Path:

@@ -113,15 +113,15 @@ class GGUFCheckpoint(Checkpoint):
         """config.json and the tokenizer, derived from the GGUF's metadata as transformers does."""
         from transformers import CONFIG_MAPPING
 
-        from .writer import atomic_folder
+        from .writer import build_once
 
         values = dict(values)
         model_type = values.pop("model_type", None)
         if model_type not in CONFIG_MAPPING:
             raise MergeError(f"'{reference}' is a GGUF '{model_type}' model, which transformers cannot load")
         model_config = CONFIG_MAPPING[model_type](**values)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_folder(folder, overwrite=True) as temporary:
+
+        def build(temporary: Path) -> None:
             data = model_config.to_dict()
             data["architectures"] = model_config.architectures or [ARCHITECTURES.get(model_type, "")]
             (temporary / "config.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -131,6 +131,8 @@ class GGUFCheckpoint(Checkpoint):
                 AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(temporary)
             except Exception as error:  # a model without a usable vocabulary can still be merged
                 (temporary / "tokenizer-error.txt").write_text(f"{type(error).__name__}: {error}\n")
+
+        build_once(folder, build, lambda built: (built / "config.json").is_file())
 
     def read(self, name: str) -> torch.Tensor:
         from gguf import dequantize

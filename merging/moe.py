@@ -296,6 +296,11 @@ def build_moe(config, out_dir: Union[str, Path], device: str = "auto", *, seed: 
     check_output_folder(out_dir, overwrite)
     resolve_device(device)
     plan = plan or plan_moe(config, allow_identical_experts=allow_identical_experts)
+    from .plan import METADATA_MARGIN_BYTES, copied_files_bytes
+    from .writer import check_free_space
+
+    check_free_space([(out_dir.resolve().parent,
+                       plan.output_bytes + copied_files_bytes(plan.base.folder) + METADATA_MARGIN_BYTES)])
     for reference, checkpoint in plan.checkpoints.items():  # hub models checked by headers: fetch now
         plan.checkpoints[reference] = checkpoint.fetched()
     routers = compute_routers(plan, device, seed, progress)

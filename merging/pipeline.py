@@ -12,8 +12,8 @@ from .config import MergeConfig, MultiStageConfig, load_config
 from .engine import Progress, resolve_device, run_plan
 from .errors import MergeError
 from .plan import MergePlan, plan_merge
-from .writer import (ShardedSafetensorsWriter, atomic_folder, check_output_folder, claim_folder,
-                     make_sibling_folder, remove_siblings)
+from .writer import (ShardedSafetensorsWriter, atomic_folder, check_free_space, check_output_folder,
+                     claim_folder, make_sibling_folder, remove_siblings)
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
@@ -69,6 +69,9 @@ def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Opt
     check_output_folder(out_dir, overwrite)
     resolve_device(device)
     plans = plans or plan_stages(config)
+    stages_parent = Path(intermediate_dir) if intermediate_dir else out_dir.resolve().parent
+    check_free_space([(stages_parent, plan.disk_bytes) for plan in plans[:-1]]
+                     + [(out_dir.resolve().parent, plans[-1].disk_bytes)])  # before a tensor is read
     if len(plans) == 1:
         return write_merge(plans[0], out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
 

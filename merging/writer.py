@@ -17,7 +17,7 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -187,17 +187,17 @@ def lock_file(out_dir: Path) -> Path:
 
 
 @contextmanager
-def claim_folder(out_dir: Path) -> Iterator[Path]:
+def claim_folder(out_dir: Path, wait: bool = False) -> Iterator[Path]:
     """Hold `out_dir` for this run alone while the block runs, or fail at once with one line
-    when another run holds it; on claiming, the leftovers of killed runs there are removed.
-    The lock is an flock on `.<name>.lock` beside the folder: the kernel drops it when the
-    process dies, however it dies."""
+    when another run holds it (`wait`: wait for it instead); on claiming, the leftovers of
+    killed runs there are removed. The lock is an flock on `.<name>.lock` beside the folder:
+    the kernel drops it when the process dies, however it dies."""
     out_dir = Path(out_dir).resolve()
     held = _held.get()
     if out_dir in held:
         yield out_dir
         return
-    descriptor = _lock(out_dir)
+    descriptor = _lock(out_dir, wait)
     token = _held.set(held | {out_dir})
     try:
         remove_siblings(out_dir)
@@ -207,7 +207,7 @@ def claim_folder(out_dir: Path) -> Iterator[Path]:
         _unlock(out_dir, descriptor)
 
 
-def _lock(out_dir: Path) -> int:
+def _lock(out_dir: Path, wait: bool = False) -> int:
     path = lock_file(out_dir)
     for _ in range(100):
         try:
@@ -215,7 +215,7 @@ def _lock(out_dir: Path) -> int:
         except OSError as error:
             raise MergeError(f"cannot create the lock file '{path}' ({error.strerror})") from None
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             os.close(descriptor)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -306,6 +306,21 @@ def atomic_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         except BaseException:
             _undo(out_dir)
             raise
+
+
+def build_once(folder: Path, build: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """A cache folder that several threads or processes may want at once (a GGUF file's derived
+    config, the demo models): the first builds it atomically, the others wait for its claim and
+    then find it complete."""
+    folder = Path(folder).resolve()
+    if complete(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with claim_folder(folder, wait=True):
+        if not complete(folder):
+            with atomic_folder(folder, overwrite=True) as temporary:  # re-enters the claim
+                build(temporary)
+    return folder
 
 
 def _move_into_place(temporary: Path, out_dir: Path) -> None:
