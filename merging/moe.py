@@ -29,7 +29,7 @@ from .config import load_config
 from .engine import resolve_device
 from .errors import MergeError
 from .moe_config import MoEConfig
-from .plan import TORCH_DTYPES, format_bytes, tensor_seed
+from .plan import TORCH_DTYPES, check_loader_fields, format_bytes, tensor_seed
 from .writer import ShardedSafetensorsWriter, atomic_folder, check_output_folder
 
 DENSE_TYPES = ("llama", "mistral")  # dense models whose blocks are Mixtral's, MLP aside
@@ -120,6 +120,7 @@ def plan_moe(config, checkpoints: Optional[dict[str, Checkpoint]] = None,
             checkpoints[reference] = Checkpoint.open(reference, download_weights=False)
     base = checkpoints[config.base_model]
     for reference in config.referenced_models():
+        check_loader_fields(reference, checkpoints[reference].config)
         model_type = checkpoints[reference].config.get("model_type")
         if model_type not in DENSE_TYPES:
             raise MergeError(f"{_describe(config, reference)} is a '{model_type}' model; a Mixtral MoE is "
