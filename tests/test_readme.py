@@ -41,3 +41,10 @@ def test_every_moe_gate_mode_is_documented():
     for mode in GATE_MODES:
         if mode != "hidden_last":  # an alias of hidden, as in mergekit
             assert f"`{mode}`" in README or f"| {mode}" in README or f" {mode} |" in README, mode
+
+
+def test_the_security_page_lists_every_limit_as_the_code_has_it():
+    from merging.limits import describe
+
+    security = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    assert describe() in security
