@@ -204,5 +204,14 @@ class FakeHub:
             request.wfile.write(data)
 
 
+_ETAGS: dict[tuple, str] = {}
+
+
 def _etag(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file's sha256, computed once per (path, size, mtime): a 270 MB model is asked for
+    its etag on every HEAD and GET."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _ETAGS:
+        _ETAGS[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _ETAGS[key]
