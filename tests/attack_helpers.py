@@ -105,20 +105,20 @@ class PublicServer:
 
 def start_public_server(cache: Path, workdir: Path, **limits) -> PublicServer:
     """`python app.py` as a public Space runs it (MERGELAB_PUBLIC=1, hub offline), on the demo
-    cache, with its own TMPDIR and any MERGELAB_* settings given (sessions=3 sets
-    MERGELAB_MAX_SESSIONS=3; memory_budget sets MERGELAB_MEMORY_BUDGET). Not waited for."""
+    cache, with its own TMPDIR (its session folders are ours to watch) and any MERGELAB_*
+    settings given (sessions=3 sets MERGELAB_MAX_SESSIONS=3; memory_budget sets
+    MERGELAB_MEMORY_BUDGET). HOME stays the user's: `~` in an attack means the real one.
+    Not waited for."""
     workdir.mkdir(parents=True, exist_ok=True)
     tmpdir = workdir / "tmp"
     tmpdir.mkdir(exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MERGELAB_", "GRADIO_", "SPACE_"))}
     env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
-               HF_HUB_OFFLINE="1", MERGELAB_PUBLIC="1", MERGELAB_CACHE=str(cache), TMPDIR=str(tmpdir),
-               HOME=str(workdir / "home"))
+               HF_HUB_OFFLINE="1", MERGELAB_PUBLIC="1", MERGELAB_CACHE=str(cache), TMPDIR=str(tmpdir))
     for name, value in limits.items():
         key = "MERGELAB_MEMORY_BUDGET" if name == "memory_budget" else f"MERGELAB_MAX_{name.upper()}"
         env[key] = str(value)
-    (workdir / "home").mkdir(exist_ok=True)
     log_path = workdir / "app.log"
     log = open(log_path, "w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log,
