@@ -522,6 +522,28 @@ def test_per_layer_control_points_are_bounded(world):
          f"of {len(written)} bytes (the recipe limit is 64 KB)")
 
 
+def test_a_sweep_is_checked_whole_before_its_first_merge(world):
+    """A sweep from t=0 to t=-1 (every point but the first out of range), and one whose only
+    text is too short to score: both are knowable before any work, so both should be refused
+    before the first point is merged (and recorded in the history)."""
+    visitor = client(world.main)
+    lab = (f"models:\n  - model: {world.demo('reverse')}\nmerge_method: slerp\nbase_model: {world.demo('json')}\n"
+           "parameters: {t: 0.5}\ndtype: float32\n")
+    problems = []
+    for stop, texts in ((-1, "The cat sat on the mat."), (1e308, "The cat sat on the mat."), (1, "hi")):
+        started = time.time()
+        message = refusal(visitor, lab, "t", 0, 0, 0, stop, 3, texts, None, "", None, [], 1, api_name="/sweep")
+        assert_readable(message)
+        if time.time() - started > 2:
+            problems.append(f"from 0 to {stop} over {texts!r}: refused after {time.time() - started:.1f} s "
+                            f"({message})")
+    points = [row for row in visitor.predict(api_name="/history")["data"] if row[2] == "sweep point"]
+    if points:
+        problems.append(f"{len(points)} point(s) merged and recorded before the refusal: {points}")
+    visitor.close()
+    assert not problems, "\n".join(problems)
+
+
 ABSURD: dict = {}  # what the absurd-values test saw, for the test after it
 
 
@@ -544,7 +566,6 @@ def test_absurd_numbers_and_types_are_refused_in_one_line(world):
                   ("ask", ["hello", value, 0, 0, False]), ("ask", ["hello", 4, value, 0, False]),
                   ("ask", ["hello", 4, 0, value, False]), ("moe_ask", ["hello", value, value, value]),
                   ("sweep", [lab, "t", 0, 0, value, 1, 3, "hi", None, "", None, [], 1]),
-                  ("sweep", [lab, "t", 0, 0, 0, value, 3, "hi", None, "", None, [], 1]),
                   ("sweep", [lab, "t", 0, 0, 0, 1, value, "hi", None, "", None, [], 1]),
                   ("sweep", [lab, "t@layers", value, value, 0, 1, 2, "hi", None, "", None, [], 1]),
                   ("sweep", [lab, "t", 0, 0, 0, 1, 2, "hi", None, "", None, [], value]),
