@@ -20,6 +20,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -64,17 +65,20 @@ class Server:
             self.process.kill()
 
 
-def launch_app(cache: Path, env: Optional[dict] = None, log: Optional[Path] = None, timeout: float = 180) -> Server:
-    """`python app.py` on the demo family in `cache` (MERGELAB_CACHE), on a free local port,
-    offline unless `env` says otherwise; returns once the page answers."""
+def launch_app(cache: Optional[Path], env: Optional[dict] = None, log: Optional[Path] = None, timeout: float = 180,
+               python_code: Optional[str] = None) -> Server:
+    """`python app.py` on the demo family in `cache` (MERGELAB_CACHE; None: as `env` says), on a
+    free local port, offline unless `env` says otherwise; returns once the page answers.
+    `python_code` runs instead of app.py (it must start app.py itself)."""
     port = free_port()
-    log = Path(log or Path(cache) / f"app-{port}.log")
+    log = Path(log or Path(cache or tempfile.gettempdir()) / f"app-{port}.log")
     environment = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-                   "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "MERGELAB_CACHE": str(cache),
-                   **(env or {})}
+                   "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+                   **({"MERGELAB_CACHE": str(cache)} if cache else {}), **(env or {})}
     handle = open(log, "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=environment, stdout=handle,
-                               stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-c", python_code] if python_code else [sys.executable, "app.py"]
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT,
+                               text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -379,19 +379,26 @@ def _hub_snapshot(reference: str, repo: str, revision: Optional[str], patterns: 
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
                                       local_files_only=local_only, token=hub_token()))
-    except hub_errors.GatedRepoError:
-        raise MergeError(f"model '{repo}' is gated: accept its terms on the hub and log in "
-                         "(hf auth login)") from None
-    except hub_errors.RepositoryNotFoundError:
-        raise MergeError(f"no model '{repo}' on the Hugging Face hub (if it is private, log in "
-                         "with hf auth login)") from None
-    except hub_errors.RevisionNotFoundError:
-        raise MergeError(f"model '{repo}' has no revision '{revision}'") from None
+    except (hub_errors.GatedRepoError, hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as error:
+        raise hub_refusal(error, repo, revision) from None
     except Exception as error:  # connection errors come in many types
         if local_only:
             return None
         raise MergeError(f"cannot download model '{reference}': the Hugging Face hub is not "
                          f"reachable and the model is not in the cache ({type(error).__name__})") from None
+
+
+def hub_refusal(error: Exception, repo: str, revision: Optional[str]) -> MergeError:
+    """The hub's no, in one line: gated, not there (or not readable with this token), or no
+    such revision; how to get in says what this deployment offers (log in, or sign in)."""
+    from huggingface_hub import errors as hub_errors
+
+    get_in = "sign in" if current_access().restricted else "log in with hf auth login"
+    if isinstance(error, hub_errors.GatedRepoError):
+        return MergeError(f"model '{repo}' is gated: accept its terms on the hub and {get_in}")
+    if isinstance(error, hub_errors.RevisionNotFoundError):
+        return MergeError(f"model '{repo}' has no revision '{revision}'")
+    return MergeError(f"no model '{repo}' on the Hugging Face hub that you can read (if it is private, {get_in})")
 
 
 def check_hub_read_access(reference: str, repo: str, revision: Optional[str]) -> None:
@@ -406,13 +413,8 @@ def check_hub_read_access(reference: str, repo: str, revision: Optional[str]) ->
                          "access to it cannot be checked")
     try:
         HfApi(endpoint=hub_endpoint()).model_info(repo, revision=revision, token=hub_token())
-    except hub_errors.GatedRepoError:
-        raise MergeError(f"model '{repo}' is gated: accept its terms on the hub and sign in") from None
-    except hub_errors.RepositoryNotFoundError:
-        raise MergeError(f"no model '{repo}' on the Hugging Face hub that you can read (if it is "
-                         "private, sign in)") from None
-    except hub_errors.RevisionNotFoundError:
-        raise MergeError(f"model '{repo}' has no revision '{revision}'") from None
+    except (hub_errors.GatedRepoError, hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as error:
+        raise hub_refusal(error, repo, revision) from None
     except Exception as error:  # connection errors come in many types
         raise MergeError(f"cannot reach the Hugging Face hub to check model '{reference}' "
                          f"({type(error).__name__})") from None

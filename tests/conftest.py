@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # visitors: the app launcher
 from tiny_models import make_base, make_child  # noqa: E402
 
 
@@ -57,37 +53,11 @@ def demo_family(demo_cache) -> dict:
     return build_family(demo_cache / "demo")  # already built: returns at once
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server(demo_cache, tmp_path_factory):
     """`python app.py` as a user starts it (on the demo family), on a free local port."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("app") / "app.log", "w+")
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", MERGELAB_CACHE=str(demo_cache))
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=Path(__file__).resolve().parent.parent, env=env,
-                               stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"app.py exited: {log.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("app.py did not start within 120 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    from visitors import launch_app
+
+    app = launch_app(demo_cache, log=tmp_path_factory.mktemp("app") / "app.log")
+    yield app.url
+    app.stop()

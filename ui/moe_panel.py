@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import time
-from pathlib import Path
 from typing import Optional
 
 import gradio as gr
@@ -154,12 +153,8 @@ def ask(prompt: str, max_new_tokens: float, temperature: float, seed: float, req
     from .lab import arena_sampling
 
     sampling = arena_sampling(prompt, max_new_tokens, temperature, seed)
-    known = SESSIONS.peek(session_hash(request))
-    if known is None or known.moe is None:
-        raise MergeError("press Build first: there is no mixture of experts yet")
-    with SESSIONS.use(session_hash(request)) as session, session.lock.read():
-        if session.moe is None:
-            raise MergeError("press Build first: there is no mixture of experts yet")
+    with SESSIONS.reading(session_hash(request), "moe", "press Build first: there is no mixture of experts yet") \
+            as session:
         model, tokenizer, names = session.moe
         started = time.perf_counter()
         answer = generate_routed(model, tokenizer, prompt, sampling, max_prompt_tokens=limit("prompt_tokens"))

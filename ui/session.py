@@ -203,6 +203,19 @@ class SessionRegistry:
             if finished:
                 self._free(session)
 
+    @contextmanager
+    def reading(self, session_hash: Optional[str], what: str, missing: str) -> Iterator[Session]:
+        """The visitor's session, in use and read-locked, when it holds `what` ("live": its
+        merged model, "moe": its mixture); else `missing` is the error, and no session is made
+        for a visitor who has built nothing."""
+        known = self.peek(session_hash)
+        if known is None or getattr(known, what) is None:
+            raise MergeError(missing)
+        with self.use(session_hash) as session, session.lock.read():
+            if getattr(session, what) is None:  # freed or rebuilt in between
+                raise MergeError(missing)
+            yield session
+
     def peek(self, session_hash: Optional[str]) -> Optional[Session]:
         """The session if it exists; never makes one."""
         with self._lock:
