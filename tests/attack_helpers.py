@@ -103,25 +103,28 @@ class PublicServer:
                 self.process.wait()
 
 
-def start_public_server(cache: Path, workdir: Path, **limits) -> PublicServer:
+def start_public_server(cache: Path, workdir: Path, env: Optional[dict] = None, **limits) -> PublicServer:
     """`python app.py` as a public Space runs it (MERGELAB_PUBLIC=1, hub offline), on the demo
     cache, with its own TMPDIR (its session folders are ours to watch) and any MERGELAB_*
     settings given (sessions=3 sets MERGELAB_MAX_SESSIONS=3; memory_budget sets
-    MERGELAB_MEMORY_BUDGET). HOME stays the user's: `~` in an attack means the real one.
-    Not waited for."""
+    MERGELAB_MEMORY_BUDGET); `env` adds or replaces variables (a fake hub's HF_ENDPOINT, say).
+    HOME stays the user's: `~` in an attack means the real one. No HF_TOKEN: a Space's owner
+    token must not matter. Not waited for."""
     workdir.mkdir(parents=True, exist_ok=True)
     tmpdir = workdir / "tmp"
     tmpdir.mkdir(exist_ok=True)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MERGELAB_", "GRADIO_", "SPACE_"))}
-    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("MERGELAB_", "GRADIO_", "SPACE_", "HF_TOKEN"))}
+    environment.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
                HF_HUB_OFFLINE="1", MERGELAB_PUBLIC="1", MERGELAB_CACHE=str(cache), TMPDIR=str(tmpdir))
+    environment.update(env or {})
     for name, value in limits.items():
         key = "MERGELAB_MEMORY_BUDGET" if name == "memory_budget" else f"MERGELAB_MAX_{name.upper()}"
-        env[key] = str(value)
+        environment[key] = str(value)
     log_path = workdir / "app.log"
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log,
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=environment, stdout=log,
                                stderr=subprocess.STDOUT, text=True)
     log.close()
     return PublicServer(f"http://127.0.0.1:{port}/", process, tmpdir, log_path)

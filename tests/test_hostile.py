@@ -120,9 +120,11 @@ def world(tmp_path_factory, tiny, demo_cache, demo_family):
     watched = {"canary": canary, "demo cache": demo_cache, "hub cache": Path.home() / ".cache" / "huggingface"}
     before = {name: tree_digest(folder, skip=HISTORY_FILES) for name, folder in watched.items()}
     untracked = repo_untracked()
+    hub, hub_cache = private_hub(root, tiny)
     main = start_public_server(demo_cache, root / "main")
     small = start_public_server(demo_cache, root / "small", sessions=2, session_idle_seconds=8,
-                                memory_budget="2.5GB")
+                                memory_budget="2.5GB",
+                                env={"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "0"})
     world = World(main, small, canary, {k: Path(v) for k, v in demo_family.items()}, watched, before, untracked)
     stop = threading.Event()
     sampler = threading.Thread(target=sample_rss, args=(world, stop), daemon=True)
@@ -135,6 +137,27 @@ def world(tmp_path_factory, tiny, demo_cache, demo_family):
         stop.set()
         main.stop()
         small.stop()
+        hub.__exit__(None, None, None)
+
+
+def private_hub(root: Path, tiny):
+    """A fake hub (the small server's) with a public base model `org/base` and a private
+    LoRA adapter of user 'tester'; and a hub cache that already holds the adapter, as it
+    would after its owner, signed in, used it on the Space."""
+    from huggingface_hub import snapshot_download
+
+    from fake_hub import FakeHub
+    from merging.lora import extract_lora
+
+    adapter = root / "hub" / "secret-adapter"
+    extract_lora(str(tiny["c1"]), str(tiny["base"]), adapter, rank=2)
+    hub = FakeHub({"org/base": tiny["base"], "tester/secret-adapter": adapter, "tester/secret": tiny["c2"]})
+    hub.__enter__()
+    hub.private.update({"tester/secret-adapter": True, "tester/secret": True})
+    cache = root / "small" / "hub-cache"
+    for repo in ("tester/secret-adapter", "tester/secret"):
+        snapshot_download(repo, token="hf_good", cache_dir=cache, endpoint=hub.url)
+    return hub, cache
 
 
 REFUSALS_ONLY = set()  # tests that only send what must be refused: they may not grow memory
@@ -777,7 +800,27 @@ def test_a_sweep_is_its_sessions_own(world, lab):
     assert theirs and not theirs & mine
 
 
-# ---- the small server: stages on disk, idle visitors, a full server, a memory budget ---------
+# ---- the small server: a hub, stages on disk, idle visitors, a full server, a memory budget --
+def test_a_private_repo_in_the_shared_cache_is_not_read_without_its_owners_token(world):
+    """Another visitor, signed in, brought a private model and a private LoRA adapter into the
+    Space's hub cache. An anonymous visitor must not read either: not as a model, and not as
+    the adapter of `base+adapter` (huggingface_hub falls back to the cache when the hub says
+    no, so the hub must be asked first)."""
+    visitor = client(world.small)
+    assert "output: 4 layers" in visitor.predict(passthrough("org/base"), api_name="/check_recipe")  # the hub answers
+    cannot = "on the Hugging Face hub that you can read"
+    assert_readable(refusal(visitor, passthrough("tester/secret"), api_name="/check_recipe"), cannot)
+    read = []
+    for reference in ("org/base+tester/secret-adapter", f"{world.demo('base')}+tester/secret-adapter"):
+        try:
+            plan = visitor.predict(passthrough(reference), api_name="/check_recipe")
+            read.append(f"{reference}: {plan.splitlines()[2]}")
+        except Exception as error:
+            assert_readable(str(error), cannot)
+    visitor.close()
+    assert not read, f"an anonymous visitor read the private adapter from the cache: {read}"
+
+
 def test_a_merge_over_the_memory_budget_is_refused_before_work(world):
     """240 layers of the demo model in float32 (4 GB) on a server whose budget is 2.5 GB: the
     plan says so before anything is built."""
