@@ -73,6 +73,32 @@ class PublicServer:
                 names.append(name)
         return names
 
+    def python_stacks(self) -> list[str]:
+        """Every thread's Python stack now (the server prints them on SIGUSR1), one text each."""
+        offset = self.log_path.stat().st_size
+        os.kill(self.pid, signal.SIGUSR1)
+
+        def dump() -> str:
+            with open(self.log_path, errors="replace") as handle:
+                handle.seek(offset)
+                text = handle.read()
+            main = text.find("Current thread")  # the main thread comes last; its stack ends in app.py
+            return text if main >= 0 and "in <module>" in text[main:] else ""
+
+        deadline = time.time() + 10
+        while not dump() and time.time() < deadline:
+            time.sleep(0.1)
+        text = dump()
+        text = text[min(i for i in (text.find("Thread 0x"), text.find("Current thread")) if i >= 0):]
+        return [block for block in text.split("\n\n") if block.strip()]
+
+    def busy_threads(self) -> list[str]:
+        """Stacks of threads inside MergeLab's code (merging/, ui/) other than the session
+        reaper's wait: once every request has ended, there should be none."""
+        def ours(line: str) -> bool:
+            return "/merging/" in line or ("/ui/" in line and "ui/session.py" not in line)
+        return [stack for stack in self.python_stacks() if any(ours(line) for line in stack.splitlines())]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -123,6 +149,13 @@ def start_public_server(cache: Path, workdir: Path, env: Optional[dict] = None, 
         key = "MERGELAB_MEMORY_BUDGET" if name == "memory_budget" else f"MERGELAB_MAX_{name.upper()}"
         environment[key] = str(value)
     log_path = workdir / "app.log"
+    # a hook, not a change to the app: SIGUSR1 makes the server print every thread's Python stack
+    # (Python 3.11 gives threads no OS names, so /proc cannot say which thread is whose)
+    hooks = workdir / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text("import faulthandler, signal\n"
+                                            "faulthandler.register(signal.SIGUSR1, all_threads=True)\n")
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), environment.get("PYTHONPATH")]))
     log = open(log_path, "w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=environment, stdout=log,
                                stderr=subprocess.STDOUT, text=True)

@@ -753,29 +753,59 @@ def test_cancelled_asks_and_sweeps_stop_their_work(world, lab):
     a, b = lab.first, lab.second
     pid = world.main.pid
     assert goes_idle(pid, 30)
-    threads_before = len(world.main.threads())
+    assert world.main.busy_threads() == []
     story = a.submit("Write a long story about a dragon who learns to cook.", 256, 1.0, 5, False, api_name="/ask")
     wait_streaming(story)
-    assert len(world.main.threads()) > threads_before, "no generation thread while streaming?"
+    streaming = world.main.busy_threads()
+    assert any("merging/generation.py" in stack for stack in streaming), streaming  # the generation thread
     story.cancel()
     assert goes_idle(pid, 5), "the server kept generating after the ask was cancelled"
-    # the generation thread is gone; a worker thread Gradio started for the request may idle
-    # in its pool for 10 s before it ends
-    assert wait_until(lambda: len(world.main.threads()) <= threads_before, 15), \
-        f"threads: {threads_before} before, {len(world.main.threads())} after the cancel"
+    left = wait_until(lambda: world.main.busy_threads() == [], 5) or world.main.busy_threads()
+    assert left is True, "threads still in MergeLab's code after the cancel:\n" + "\n\n".join(left)
 
     sweep = a.submit(lab.recipe, "t", 0, 0, 0, 1, 6, "The cat sat on the mat.", None, "", None, [], 1,
                      api_name="/sweep")
     assert wait_until(lambda: any("1 of 6" in str(o[2]) for o in sweep.outputs()), 90), sweep.outputs()
+    DIRECT.update(try_direct_diagnostics(world, sweep))  # while the sweep holds the heavy queue
     sweep.cancel()
     cancelled_at = time.time()
     assert goes_idle(pid, 20), "the sweep kept merging after it was cancelled"
+    left = wait_until(lambda: world.main.busy_threads() == [], 5) or world.main.busy_threads()
+    assert left is True, "threads still in MergeLab's code after the cancel:\n" + "\n\n".join(left)
     started = time.time()  # the heavy queue is free again: a heavy request is answered at once
     refusal(b, recipe(str(world.model), world.demo("json")), False, api_name="/merge")
     assert time.time() - started < 5, f"the heavy queue answered {time.time() - started:.1f} s later"
     assert time.time() - cancelled_at < 30
     rows = [r for r in a.predict(api_name="/history")["data"] if r[2] == "sweep point"]
     assert 1 <= len(rows) <= 3, rows
+
+
+DIRECT: dict = {}  # what a direct POST did while a sweep held the heavy queue
+
+
+def try_direct_diagnostics(world: World, running) -> dict:
+    """POST /gradio_api/run/diagnostics (Gradio's route without the queue) while `running`, a
+    heavy job, holds the heavy queue's only slot."""
+    text = (f"models:\n  - model: {world.demo('base')}\nmerge_method: slerp\nbase_model: {world.demo('reverse')}\n"
+            "parameters: {t: 0.5}\ndtype: float32\n")
+    body = json.dumps({"data": [text, "angle_deg"], "session_hash": "direct-caller"}).encode()
+    started = time.time()
+    status, answer = http("POST", world.main.url.rstrip("/") + "/gradio_api/run/diagnostics", body,
+                          {"Content-Type": "application/json"}, timeout=120)
+    return {"status": status, "seconds": time.time() - started, "ran": b'"plotly"' in answer,
+            "while_busy": not running.done(), "answer": answer[:120]}
+
+
+def test_direct_http_calls_do_not_skip_the_heavy_queue(world, lab):
+    """Gradio also serves every event at POST /gradio_api/run/<api_name>, outside the queue
+    (unless the queue is made with api_open=False): a heavy event sent there must not run
+    while the one heavy slot is taken, or the heavy queue, its length and its concurrency
+    limit bound nothing."""
+    if not DIRECT:
+        pytest.skip("runs with test_cancelled_asks_and_sweeps_stop_their_work")
+    assert not (DIRECT["ran"] and DIRECT["while_busy"]), \
+        (f"POST /gradio_api/run/diagnostics ran the diagnostics (HTTP {DIRECT['status']}, "
+         f"{DIRECT['seconds']:.1f} s) while a sweep held the heavy queue: {DIRECT['answer']!r}")
 
 
 def test_a_sweep_is_its_sessions_own(world, lab):
@@ -959,6 +989,8 @@ def test_nothing_outside_the_allowed_folders_changed_and_memory_stayed_bounded(w
     added = repo_untracked() - world.untracked
     assert not added, f"files appeared in the working tree: {sorted(added)[:20]}"
     assert world.main.alive() and world.small.alive()
+    for server in (world.main, world.small):  # nothing of any request still runs
+        assert wait_until(lambda: server.busy_threads() == [], 10), "\n\n".join(server.busy_threads())
     for name, bound in (("main", MAIN_RSS_MB), ("small", SMALL_RSS_MB)):
         assert world.peaks.get(name, 0) < bound, \
             f"the {name} server peaked at {world.peaks[name]:.0f} MB; by test (MB): {world.peaks_by_test(name)}"
