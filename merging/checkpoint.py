@@ -330,10 +330,7 @@ def open_hub_model(reference: str, download_weights: bool = True) -> Checkpoint:
     files. Without `download_weights`, only small files are fetched and tensor shapes
     come from the safetensors headers on the hub (enough for checks and plans)."""
     repo, revision = split_hub_id(reference)
-    if current_access().restricted:
-        # the cache is shared by every visitor: ask the hub whether this one may read the repo
-        check_hub_read_access(reference, repo, revision)
-    else:
+    if not current_access().restricted:  # a visitor of a public deployment is checked with the hub first
         folder = _hub_snapshot(reference, repo, revision, HUB_PATTERNS, local_only=True)
         if folder is not None and any(folder.glob("*.safetensors")):
             return Checkpoint.from_folder(folder, reference)
@@ -376,6 +373,12 @@ def _hub_snapshot(reference: str, repo: str, revision: Optional[str], patterns: 
     if not local_only and hub_offline():
         raise MergeError(f"model '{reference}' is not in the Hugging Face cache and the hub is "
                          "offline (HF_HUB_OFFLINE is set)")
+    if current_access().restricted:
+        # the cache is shared by every visitor, and huggingface_hub falls back to it when the hub
+        # says no: ask the hub first whether this visitor may read the repo
+        if local_only:
+            return None
+        check_hub_read_access(reference, repo, revision)
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
                                       local_files_only=local_only, token=hub_token()))
