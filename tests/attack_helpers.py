@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,18 +59,6 @@ class PublicServer:
 
     def rss_mb(self) -> float:
         return status_field(self.pid, "VmRSS") / 1024
-
-    def threads(self, prefix: str = "") -> list[str]:
-        """Names of the server's threads (as the kernel shows them: 15 characters)."""
-        names = []
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            try:
-                name = (task / "comm").read_text().strip()
-            except OSError:
-                continue  # ended while we looked
-            if name.startswith(prefix):
-                names.append(name)
-        return names
 
     def python_stacks(self) -> list[str]:
         """Every thread's Python stack now (the server prints them on SIGUSR1), one text each."""
