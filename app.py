@@ -63,13 +63,15 @@ def build_app(family: dict | None = None) -> gr.Blocks:
 
 def serve(app: gr.Blocks) -> None:
     """Launch with every request bounded: the queue's length, uploads' size; sessions expire."""
-    from merging.limits import limit
+    from merging.limits import is_public_deployment, limit
     from ui.session import SESSIONS
 
     SESSIONS.sweep_stale_folders()  # session folders a killed server left behind
     SESSIONS.start_reaper()
     try:
-        app.queue(default_concurrency_limit=2, max_size=QUEUE_LENGTH).launch(max_file_size=limit("upload_bytes"))
+        # api_open=False on a public deployment: Gradio's direct REST routes would skip the queue
+        app.queue(default_concurrency_limit=2, max_size=QUEUE_LENGTH, api_open=not is_public_deployment()).launch(
+            max_file_size=limit("upload_bytes"))
     finally:
         SESSIONS.stop_reaper()
 

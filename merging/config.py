@@ -171,7 +171,7 @@ class MergeConfig:
             out_dtype=_dtype(data.get("out_dtype"), "out_dtype", where),
             tokenizer_source=_tokenizer_source(data.get("tokenizer_source"), where),
             tokenizer=data.get("tokenizer"),
-            chat_template=data.get("chat_template"),
+            chat_template=_chat_template(data.get("chat_template"), where),
             name=_stage_name(data.get("name"), where),
         )
         if config.tokenizer is not None and config.tokenizer_source is not None:
@@ -457,6 +457,17 @@ def _output_slice(entry: Any, where: str) -> OutputSlice:
                          f"got {sorted(lengths)}")
     base = model_name(entry["base_model"], where) if entry.get("base_model") else None
     return OutputSlice(sources, base, _parameter_dict(entry.get("parameters"), where))
+
+
+def _chat_template(value: Any, where: str) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MergeError(f"chat_template{where} must be a name or Jinja text, got {type(value).__name__}")
+    from .folder import check_chat_template
+
+    check_chat_template(value)
+    return value
 
 
 def _stage_name(value: Any, where: str) -> Optional[str]:

@@ -23,15 +23,13 @@ Scorer = Callable[[object, object], float]  # (model, tokenizer) -> score
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 512) -> float:
     """Token-weighted perplexity of `model` on `texts`, batched with right padding."""
-    if not texts:
-        raise MergeError("perplexity needs at least one text")
     from .generation import pad_batch, pad_id
 
+    tokenized = tokenize_texts(tokenizer, texts, max_length)
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-                   for text in texts[start:start + batch_size]]
+        encoded = tokenized[start:start + batch_size]
         ids, mask = pad_batch(encoded, pad_id(tokenizer))
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
@@ -39,9 +37,18 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         total_loss += float(losses[counted].sum())
         total_tokens += int(counted.sum())
-    if total_tokens == 0:
-        raise MergeError("the texts are too short: perplexity needs at least two tokens in one text")
     return math.exp(total_loss / total_tokens)
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 512) -> list[list[int]]:
+    """The texts' token ids (each cut at `max_length`), once they can be scored: at least one
+    text, and one with two tokens or more (the first token has nothing to be predicted from)."""
+    if not texts:
+        raise MergeError("perplexity needs at least one text")
+    encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+    if max(len(ids) for ids in encoded) < 2:
+        raise MergeError("the texts are too short: perplexity needs at least two tokens in one text")
+    return encoded
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,17 @@ def with_parameter(config: MergeConfig, parameter: str, value, layers: Optional[
     return changed
 
 
+def sweep_points(config, parameter: str, values: Sequence) -> list[MergeConfig]:
+    """The recipe at each value (see `with_parameter`), every one checked before any work."""
+    config = load_config(config)
+    layers = None
+    if LAYER_RANGE.match(parameter.partition("@")[2]):
+        from .pipeline import plan_stages
+
+        layers = plan_stages(config)[0].num_layers  # once, not per point
+    return [with_parameter(config, parameter, value, layers) for value in values]
+
+
 def iter_sweep(config, parameter: str, values: Sequence, scorers: dict[str, Scorer], *, live=None,
                device: str = "auto", build: Optional[Callable[[MergeConfig], object]] = None) -> Iterator[dict]:
     """The rows of `sweep`, one as each point finishes: the work happens as the caller asks
@@ -144,15 +162,8 @@ def iter_sweep(config, parameter: str, values: Sequence, scorers: dict[str, Scor
     `build(point)` makes the LiveMerge for the first point when no `live` is given."""
     from .live import LiveMerge
 
-    config = load_config(config)
-    layers = None
-    if LAYER_RANGE.match(parameter.partition("@")[2]):
-        from .pipeline import plan_stages
-
-        layers = plan_stages(config)[0].num_layers  # once, not per point
     build = build or (lambda point: LiveMerge(point, device=device))
-    for value in values:
-        point = with_parameter(config, parameter, value, layers)
+    for value, point in zip(values, sweep_points(config, parameter, values)):
         started = time.perf_counter()
         if live is None:
             live = build(point)

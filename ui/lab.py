@@ -18,7 +18,8 @@ from merging.config import recipe_from_text
 from merging.evaluate import with_parameter
 from merging.generation import Sampling, stream
 from merging.layer_values import edit_range, expand, points_from_config, with_layer_points
-from merging.limits import check as check_limit, clamp_check, is_public_deployment, limit
+from merging.limits import (check as check_limit, clamp_check, finite_number, is_public_deployment, limit,
+                            whole_number)
 from merging.plan import format_bytes
 from merging.pipeline import merge_stages_into, plan_stages
 
@@ -48,7 +49,7 @@ def _config(recipe: str) -> MergeConfig:
 @handler
 def set_t(recipe: str, t: float) -> str:
     """The recipe with one global t (replacing gradients and filters)."""
-    return with_parameter(_config(recipe), "t", float(t)).to_yaml()
+    return with_parameter(_config(recipe), "t", finite_number(t, "t")).to_yaml()
 
 
 def merged_model_bytes(plan) -> int:
@@ -128,10 +129,7 @@ def arena_sampling(prompt: str, max_new_tokens, temperature, seed) -> Sampling:
     from merging.limits import check
 
     check("prompt_chars", len(prompt), f"the prompt is {len(prompt)} characters")
-    try:
-        temperature = float(temperature)
-    except (TypeError, ValueError):
-        raise MergeError(f"temperature must be a number, got {temperature!r}") from None
+    temperature = finite_number(temperature, "temperature")
     if not 0 <= temperature <= 5:
         raise MergeError(f"temperature must be between 0 and 5, got {temperature}")
     return Sampling(max_new_tokens=clamp_check("new_tokens", max_new_tokens, "max new tokens", minimum=1),
@@ -139,10 +137,7 @@ def arena_sampling(prompt: str, max_new_tokens, temperature, seed) -> Sampling:
 
 
 def _seed(seed) -> int:
-    try:
-        return int(seed) % 2**63
-    except (TypeError, ValueError, OverflowError):
-        raise MergeError(f"the seed must be a whole number, got {seed!r}") from None
+    return whole_number(seed, "the seed") % 2**63
 
 
 @gpu
@@ -263,8 +258,11 @@ def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, 
     if module not in texts:
         raise MergeError(f"unknown module type '{module}'")
     points = layers.parse_points(texts[module], module)
+    if operation not in ("set", "add", "multiply"):
+        raise MergeError(f"unknown operation '{operation}'")
+    first, last = whole_number(first, "from layer"), whole_number(last, "to layer")
     texts[module] = layers.format_points(
-        edit_range(expand(points, count), operation, int(first), int(last), float(amount)))
+        edit_range(expand(points, count), operation, first, last, finite_number(amount, "amount")))
     changed_recipe, figure = _write_points(config, texts["attention"], texts["MLP"], texts["other"], count)
     return texts["attention"], texts["MLP"], texts["other"], changed_recipe, figure
 

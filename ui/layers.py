@@ -8,8 +8,11 @@ read one back from it.
 
 from __future__ import annotations
 
+import math
+
 from merging import MergeError
 from merging.layer_values import expand
+from merging.limits import check
 
 PRESETS = {  # (attention, MLP, other) control points
     "flat 0.5": ([0.5], [0.5], [0.5]),
@@ -23,14 +26,21 @@ PRESETS = {  # (attention, MLP, other) control points
 
 
 def parse_points(text: str, label: str) -> list[float]:
-    """'0, 0.5, 1' -> [0.0, 0.5, 1.0]; one value is a flat line."""
+    """'0, 0.5, 1' -> [0.0, 0.5, 1.0]; one value is a flat line. At most one point per
+    layer of the largest output allowed (merging.limits), each a finite number."""
+    text = str(text or "")
+    check("recipe_bytes", len(text), f"{label}: the control points are {len(text)} characters")
     parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p.strip()]
     if not parts:
         raise MergeError(f"{label}: give at least one value")
+    check("output_layers", len(parts), f"{label}: {len(parts)} control points")
     try:
-        return [float(p) for p in parts]
+        points = [float(p) for p in parts]
     except ValueError:
-        raise MergeError(f"{label}: '{text}' is not a list of numbers") from None
+        raise MergeError(f"{label}: '{text[:60]}' is not a list of numbers") from None
+    if not all(math.isfinite(p) for p in points):
+        raise MergeError(f"{label}: control points must be finite numbers")
+    return points
 
 
 def format_points(values: list[float]) -> str:

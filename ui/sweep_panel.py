@@ -15,7 +15,7 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from merging import MergeConfig, MergeError
-from merging.limits import check as check_limit, clamp_check
+from merging.limits import check as check_limit, clamp_check, finite_number, whole_number
 
 from .builder import short_name
 from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash, text_lines
@@ -69,14 +69,26 @@ def _lines(text: Optional[str], upload: Optional[str]) -> list[str]:
     return lines
 
 
-def _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count) -> dict:
+def _scorers(config: MergeConfig, texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count) -> dict:
+    """The sweep's scorers, each checked before any work: the texts are tokenized with the
+    merge's tokenizer now, so texts too short to score are refused before the first merge."""
+    from transformers import AutoTokenizer
+
     from merging.demo_skills import probes
-    from merging.evaluate import perplexity_scorer, probe_scorer
+    from merging.evaluate import perplexity_scorer, probe_scorer, tokenize_texts
+    from merging.pipeline import plan_stages
 
     scorers = {}
+    tokenizer = None
     for name, text, upload in (("ppl A", texts_a, upload_a), ("ppl B", texts_b, upload_b)):
         lines = _lines(text, upload)
         if lines:
+            if tokenizer is None:
+                plan = plan_stages(config)[0]
+                if plan.tokenizer_donor is None:
+                    raise MergeError("the models have no tokenizer to score texts with")
+                tokenizer = AutoTokenizer.from_pretrained(plan.checkpoints[plan.tokenizer_donor].folder)
+            tokenize_texts(tokenizer, lines)
             scorers[name] = perplexity_scorer(lines)
     count = clamp_check("probes", probe_count, "probes per set", minimum=1)
     for probe_set in probe_sets or []:
@@ -131,7 +143,7 @@ def run_sweep(recipe: str, parameter: str, first_layer: float, last_layer: float
     choices) as each point finishes. Each point is merged and scored in this request's own
     thread, between yields: Stop, or a cancelled request, ends the sweep after the point."""
     from merging import LiveMerge
-    from merging.evaluate import iter_sweep
+    from merging.evaluate import iter_sweep, sweep_points
     from merging.pipeline import plan_stages
 
     from .lab import LIVE_CACHE_BYTES, merged_model_bytes
@@ -141,9 +153,11 @@ def run_sweep(recipe: str, parameter: str, first_layer: float, last_layer: float
         raise MergeError("pick a parameter to sweep")
     parameter = str(parameter)
     if parameter.endswith(LAYER_RANGE):
-        parameter = f"{parameter}:{int(first_layer)}-{int(last_layer)}"
-    values = values_between(float(start), float(stop), int(points))
-    scorers = _scorers(texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count)
+        first = whole_number(first_layer, "from layer", minimum=0)
+        parameter = f"{parameter}:{first}-{whole_number(last_layer, 'to layer', minimum=first)}"
+    values = values_between(finite_number(start, "from"), finite_number(stop, "to"), whole_number(points, "points"))
+    sweep_points(config, parameter, values)  # every point's recipe checked before anything is loaded
+    scorers = _scorers(config, texts_a, upload_a, texts_b, upload_b, probe_sets, probe_count)
     names = list(scorers)
     with SESSIONS.use(session_hash(request)) as session:
         session.stop_sweep.clear()

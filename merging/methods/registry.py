@@ -62,8 +62,8 @@ class Parameter:
             number = float(value)
         except ValueError:
             raise MergeError(f"{self.name} must be a number{where}, got {value!r}") from None
-        if number != number:
-            raise MergeError(f"{self.name} must be a number{where}, got NaN")
+        if number != number or number in (float("inf"), float("-inf")):
+            raise MergeError(f"{self.name} must be a finite number{where}, got {value!r}")
         return int(number) if self.kind is int else number
 
     def check_range(self, value: Any, where: str) -> None:
