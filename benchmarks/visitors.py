@@ -40,58 +40,81 @@ def free_port() -> int:
 class Server:
     process: subprocess.Popen
     url: str
-    log: Path
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         return 0
 
     def thread_names(self) -> list[str]:
         names = []
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
             try:
                 names.append((task / "comm").read_text().strip())
             except OSError:
                 pass  # a thread that ended while we looked
         return sorted(names)
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self, seconds: float = 180) -> "Server":
+        """Returns once the page answers; raises with the log's end if the app exits or is late."""
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"app.py exited: {self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"app.py did not start within {seconds:.0f} s: {self.log()[-3000:]}")
+
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_app(cache: Optional[Path], env: Optional[dict] = None, log: Optional[Path] = None,
+              python_code: Optional[str] = None, server_class: type = Server, base_env: Optional[dict] = None
+              ) -> Server:
+    """`python app.py` on the demo family in `cache` (MERGELAB_CACHE; None: as `env` says), on a
+    free local port, offline unless `env` says otherwise; not waited for (see wait_ready).
+    `python_code` runs instead of app.py (it must start app.py itself); `base_env` replaces
+    this process's environment as the one to start from."""
+    port = free_port()
+    log = Path(log or Path(cache or tempfile.gettempdir()) / f"app-{port}.log")
+    environment = {**(os.environ if base_env is None else base_env), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+                   "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+                   **({"MERGELAB_CACHE": str(cache)} if cache else {}), **(env or {})}
+    with open(log, "w") as handle:
+        command = [sys.executable, "-c", python_code] if python_code else [sys.executable, "app.py"]
+        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT,
+                                   text=True)
+    return server_class(process, f"http://127.0.0.1:{port}/", log)
 
 
 def launch_app(cache: Optional[Path], env: Optional[dict] = None, log: Optional[Path] = None, timeout: float = 180,
                python_code: Optional[str] = None) -> Server:
-    """`python app.py` on the demo family in `cache` (MERGELAB_CACHE; None: as `env` says), on a
-    free local port, offline unless `env` says otherwise; returns once the page answers.
-    `python_code` runs instead of app.py (it must start app.py itself)."""
-    port = free_port()
-    log = Path(log or Path(cache or tempfile.gettempdir()) / f"app-{port}.log")
-    environment = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-                   "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-                   **({"MERGELAB_CACHE": str(cache)} if cache else {}), **(env or {})}
-    handle = open(log, "w")
-    command = [sys.executable, "-c", python_code] if python_code else [sys.executable, "app.py"]
-    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=handle, stderr=subprocess.STDOUT,
-                               text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"app.py exited: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return Server(process, url, log)
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"app.py did not start within {timeout:.0f} s")
+    """start_app, then wait until the page answers."""
+    return start_app(cache, env, log, python_code).wait_ready(timeout)
 
 
 class CallFailed(Exception):

@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,25 +19,19 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from visitors import Server, start_app  # noqa: E402
 
 
 # ---- the server -----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class PublicServer:
-    url: str
-    process: subprocess.Popen
-    tmpdir: Path  # the server's TMPDIR: session folders live under tmpdir/mergelab-sessions
-    log_path: Path
+class PublicServer(Server):
+    """A public app.py to attack: its session folders under its own TMPDIR, its threads'
+    Python stacks on demand."""
 
     @property
-    def pid(self) -> int:
-        return self.process.pid
+    def tmpdir(self) -> Path:
+        return self.log_path.parent / "tmp"
 
     @property
     def sessions_root(self) -> Path:
@@ -58,7 +51,7 @@ class PublicServer:
         return sorted(p for p in self.instance_folder().iterdir() if p.is_dir())
 
     def rss_mb(self) -> float:
-        return status_field(self.pid, "VmRSS") / 1024
+        return self.rss_bytes() / 2**20
 
     def python_stacks(self) -> list[str]:
         """Every thread's Python stack now (the server prints them on SIGUSR1), one text each."""
@@ -86,35 +79,6 @@ class PublicServer:
             return "/merging/" in line or ("/ui/" in line and "ui/session.py" not in line)
         return [stack for stack in self.python_stacks() if any(ours(line) for line in stack.splitlines())]
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def wait_ready(self, seconds: float = 180) -> None:
-        deadline = time.time() + seconds
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"app.py exited: {self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"app.py did not start within {seconds} s: {self.log()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
 
 def start_public_server(cache: Path, workdir: Path, env: Optional[dict] = None, **limits) -> PublicServer:
     """`python app.py` as a public Space runs it (MERGELAB_PUBLIC=1, hub offline), on the demo
@@ -126,16 +90,12 @@ def start_public_server(cache: Path, workdir: Path, env: Optional[dict] = None, 
     workdir.mkdir(parents=True, exist_ok=True)
     tmpdir = workdir / "tmp"
     tmpdir.mkdir(exist_ok=True)
-    port = free_port()
     environment = {k: v for k, v in os.environ.items()
                    if not k.startswith(("MERGELAB_", "GRADIO_", "SPACE_", "HF_TOKEN"))}
-    environment.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
-               HF_HUB_OFFLINE="1", MERGELAB_PUBLIC="1", MERGELAB_CACHE=str(cache), TMPDIR=str(tmpdir))
-    environment.update(env or {})
+    settings = {"MERGELAB_PUBLIC": "1", "TMPDIR": str(tmpdir), **(env or {})}
     for name, value in limits.items():
         key = "MERGELAB_MEMORY_BUDGET" if name == "memory_budget" else f"MERGELAB_MAX_{name.upper()}"
-        environment[key] = str(value)
-    log_path = workdir / "app.log"
+        settings[key] = str(value)
     # a hook, not a change to the app: SIGUSR1 makes the server print every thread's Python stack
     # (Python 3.11 gives threads no OS names, so /proc cannot say which thread is whose)
     hooks = workdir / "hooks"
@@ -143,21 +103,9 @@ def start_public_server(cache: Path, workdir: Path, env: Optional[dict] = None, 
     (hooks / "sitecustomize.py").write_text("import faulthandler, signal\n"
                                             "faulthandler.register(signal.SIGUSR1, all_threads=True)\n")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), environment.get("PYTHONPATH")]))
-    log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=environment, stdout=log,
-                               stderr=subprocess.STDOUT, text=True)
-    log.close()
-    return PublicServer(f"http://127.0.0.1:{port}/", process, tmpdir, log_path)
+    return start_app(cache, settings, log=workdir / "app.log", server_class=PublicServer, base_env=environment)
 
 
-def status_field(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-# ---- raw HTTP -------------------------------------------------------------------------
 def http(method: str, url: str, body: Optional[bytes] = None, headers: Optional[dict] = None,
          timeout: float = 30) -> tuple[int, bytes]:
     """(status, body) of one request; an HTTP error status is an answer, not an exception."""
