@@ -171,11 +171,12 @@ class MergeConfig:
             out_dtype=_dtype(data.get("out_dtype"), "out_dtype", where),
             tokenizer_source=_tokenizer_source(data.get("tokenizer_source"), where),
             tokenizer=data.get("tokenizer"),
-            chat_template=_chat_template(data.get("chat_template"), where),
+            chat_template=data.get("chat_template"),
             name=_stage_name(data.get("name"), where),
         )
         if config.tokenizer is not None and config.tokenizer_source is not None:
             raise MergeError(f"give either tokenizer_source or tokenizer{where}, not both")
+        config.chat_template = _chat_template(config.chat_template, where)
         config.check(where)
         check_limit("models", len(config.referenced_models()),
                     f"the recipe{where} names {len(config.referenced_models())} models")

@@ -113,7 +113,7 @@ def test_publish_pushes_a_folder_that_loads(tiny, tmp_path):
 def test_publish_says_when_the_hub_is_out_of_reach(tiny, tmp_path, monkeypatch):
     from merging import merge
     from merging.publish import push_to_hub
-    from conftest import free_port
+    from visitors import free_port
 
     out = merge(slerp(tiny.path("base"), tiny.path("c1")), tmp_path / "merged")
     with pytest.raises(MergeError, match="cannot reach the Hugging Face hub"):
