@@ -191,6 +191,7 @@ class SessionRegistry:
             session.ended = False
         for old in evicted:
             self._free(old)
+        session.workdir()  # every session has its folder while it lives (its files, and a sign it is there)
         try:
             yield session
         finally:
