@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from visitors import RawVisitor, lab_recipe, launch_app, pane_text  # noqa: E402
+from attack_helpers import start_public_server  # noqa: E402
+from visitors import RawVisitor, lab_recipe, pane_text  # noqa: E402
 
 IDLE_SECONDS = 12
 PROMPT = "Reverse the words: red lamp quiet"
@@ -34,43 +35,43 @@ def wait_until(condition, seconds: float, step: float = 0.5) -> bool:
     return condition()
 
 
-def session_folders(root: Path) -> list[Path]:
-    return [f for instance in root.iterdir() if instance.is_dir() for f in instance.iterdir() if f.is_dir()]
-
-
 @pytest.fixture(scope="module")
 def busy_server(demo_cache, tmp_path_factory):
-    sessions = tmp_path_factory.mktemp("sessions")
-    server = launch_app(demo_cache, env={"MERGELAB_PUBLIC": "1", "MERGELAB_SESSIONS": str(sessions),
-                                         "MERGELAB_MAX_SESSION_IDLE_SECONDS": str(IDLE_SECONDS)})
-    yield server, sessions
+    server = start_public_server(demo_cache, tmp_path_factory.mktemp("busy"), session_idle_seconds=IDLE_SECONDS)
+    server.wait_ready()
+    yield server
     server.stop()
 
 
-def settled(server, sessions: Path, idle: float = IDLE_SECONDS):
-    """Wait for every session to expire and the server to go quiet; its RSS and thread count."""
-    assert wait_until(lambda: not session_folders(sessions), idle + 30), "session folders were not freed"
-    before = cpu_seconds(server.process.pid)
+def settled(server, idle: float = IDLE_SECONDS):
+    """Wait for every session to expire and the server to go quiet: no session folder, no CPU
+    spent, no thread in MergeLab's code, Gradio's idle worker threads gone. Its RSS and thread
+    count then."""
+    assert wait_until(lambda: not server.session_folders(), idle + 30), "sessions were not freed"
+    before = cpu_seconds(server.pid)
     time.sleep(2)
-    assert cpu_seconds(server.process.pid) - before < 0.5, "the server is still working with no visitor"
-    return server.rss_bytes(), len(server.thread_names())
+    assert cpu_seconds(server.pid) - before < 0.5, "the server is still working with no visitor"
+    assert wait_until(lambda: not server.busy_threads(), 10), server.busy_threads()
+    # Gradio runs handlers on AnyIO's worker threads, which end after 10 s idle but are only
+    # looked at when the next call comes: wait, then make one cheap call
+    time.sleep(11)
+    RawVisitor(server.url).call("clear")
+    samples = [server.rss_bytes()]  # the RSS once it no longer falls (the last frees can lag a reaper round)
+    while len(samples) < 30 and (len(samples) < 6 or samples[-6] - samples[-1] > 0.01 * samples[-1]):
+        time.sleep(1)
+        samples.append(server.rss_bytes())
+    return samples[-1], len(server.thread_names())
 
 
 def test_eight_visitors_share_the_server_correctly(busy_server, demo_family):
-    server, sessions = busy_server
+    server = busy_server
     family = {k: str(v) for k, v in demo_family.items()}
-
-    warm = RawVisitor(server.url)  # imports, the parents' first load, thread pools: the baseline after
-    warm.call("merge", lab_recipe(family, 0.5), False)
-    warm.call("ask", PROMPT, 8, 0.8, 1, False)
-    warm.call("sweep", lab_recipe(family, 0.5), "t", 0, 0, 0, 1, 2, "", None, "", None, ["reverse skill"], 1)
-    baseline_rss, baseline_threads = settled(server, sessions)
 
     answers: dict[tuple, list] = {}
     errors: list[str] = []
     lock = threading.Lock()
 
-    def visitor(index: int) -> None:
+    def visitor(index: int, answers: dict) -> None:
         t, seed = (0.3, 5) if index % 2 else (0.7, 9)  # pairs of visitors share recipe and seed
         try:
             if index < 6:
@@ -101,8 +102,15 @@ def test_eight_visitors_share_the_server_correctly(busy_server, demo_family):
             with lock:
                 errors.append(f"visitor {index}: {type(error).__name__}: {error}")
 
+    # the baseline is taken after one visitor of each kind has come and gone: imports, the
+    # parents' first load, every code path's first use, thread pools
+    for index in (2, 4, 6):
+        visitor(index, {})
+    assert not errors, errors
+    baseline_rss, baseline_threads = settled(server)
+
     started = time.time()
-    threads = [threading.Thread(target=visitor, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=visitor, args=(i, answers)) for i in range(8)]
     for thread in threads:
         thread.start()
         time.sleep(0.5)
@@ -116,8 +124,9 @@ def test_eight_visitors_share_the_server_correctly(busy_server, demo_family):
     a, b, merged = answers[(0.3, 5)][0]
     assert a and b and merged  # three real answers, sampled at temperature 0.8
 
-    rss, thread_count = settled(server, sessions)
+    rss, thread_count = settled(server)
     print(f"\n8 visitors in {elapsed:.0f} s; RSS {baseline_rss / 1e6:.0f} MB before, {rss / 1e6:.0f} MB after; "
           f"threads {baseline_threads} before, {thread_count} after")
     assert rss <= 1.10 * baseline_rss, f"RSS {rss / 1e6:.0f} MB, baseline {baseline_rss / 1e6:.0f} MB"
     assert thread_count <= baseline_threads, f"{thread_count} threads, {baseline_threads} before"
+    assert server.alive()

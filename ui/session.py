@@ -246,8 +246,7 @@ class SessionRegistry:
                 self._sessions.pop(session.key)
         for session in stale:
             self._free(session)
-        self.parents.expire(idle)
-        if stale:
+        if self.parents.expire(idle):
             release_freed_memory()
         return len(stale)
 
@@ -397,11 +396,14 @@ class SharedModels:
             self._models.pop(min(loaded)[1])
         return True
 
-    def expire(self, idle_seconds: float) -> None:
+    def expire(self, idle_seconds: float) -> int:
+        """Forget the parents no one has asked for `idle_seconds`; how many went."""
         now = time.monotonic()
         with self._lock:
-            for key in [k for k, e in self._models.items() if e.loaded is not None and now - e.last_used > idle_seconds]:
+            idle = [k for k, e in self._models.items() if e.loaded is not None and now - e.last_used > idle_seconds]
+            for key in idle:
                 self._models.pop(key)
+        return len(idle)
 
     def held_bytes(self) -> int:
         with self._lock:
