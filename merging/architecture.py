@@ -1,18 +1,34 @@
-"""Architecture facts read from tensor names and config.json, for decoder-only models.
+"""What a checkpoint's tensors are, read from the model's structure rather than from names.
 
-Transformers' causal LMs (Llama, Mistral, Qwen2, Gemma, Phi-3, ...) keep their blocks
-under `<prefix>layers.<i>.`; everything else is outside the layer stack: embeddings
-before it, the final norm and lm_head after it.
+transformers builds the model class on the meta device (no memory); what it is made of
+says what a merge needs to know:
+
+- stacks: every `ModuleList` of identical blocks whose length a config key holds (text
+  decoder, vision tower, audio tower, ...), with that key's path in nested configs;
+- the input embeddings and the output head (`get_input_embeddings`/`get_output_embeddings`);
+- per-layer config lists (`layer_types`, ...) that must follow the stack's depth.
+
+A checkpoint stores names in its own layout (`transformer.h.3.`, `block_sparse_moe`,
+`language_model.model.layers.`); transformers' own conversion mapping gives the module
+name each stored name loads into, so stacks are recognised in every layout transformers
+loads. What is learned is cached per architecture (`STRUCTURES`); a `Layout` applies it
+to one checkpoint's tensor names.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import threading
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
-LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
+from .errors import MergeError
+
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+DEPTH_KEYS = LAYER_COUNT_KEYS + ("depth", "encoder_layers", "num_blocks")
 MODULE_TYPES = (  # substring -> short module kind; the first match wins
     ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"),
     ("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"),
@@ -20,19 +36,443 @@ MODULE_TYPES = (  # substring -> short module kind; the first match wins
 )
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
               "head_dim")
+TEXT_ROLE = "text_decoder"
+# Per-layer config lists hold one entry per layer; index lists name layers by number.
+INDEX_LIST_KEYS = ("mlp_only_layers",)
 
 
-@lru_cache(maxsize=None)  # names repeat across every plan of a live session
+@dataclass(frozen=True)
+class Stack:
+    """One stack of blocks: `module` is its ModuleList's path in the model
+    ('model.language_model.layers'); `root` the submodule it belongs to; `depth_key` the
+    path of the config key that holds its depth (('text_config', 'num_hidden_layers'))."""
+
+    role: str
+    module: str
+    root: str
+    depth_key: tuple[str, ...]
+    per_layer_keys: tuple[tuple[str, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What an architecture is made of (no sizes): cached per architecture."""
+
+    name: str
+    stacks: tuple[Stack, ...]  # the text decoder first
+    input_embeddings: tuple[str, ...]  # module parameter names
+    output_head: Optional[str]
+    parameter_order: tuple[str, ...]  # module parameter names in registration order
+    mapping: object = field(default=None, compare=False, repr=False)  # (renamings, converters, prefix, meta keys)
+
+    @property
+    def text(self) -> Stack:
+        return self.stacks[0]
+
+    def module_name(self, stored: str) -> str:
+        """The name a stored tensor loads into (transformers' conversion mapping)."""
+        return _module_name(self, stored)
+
+
+@dataclass(frozen=True)
+class LayerName:
+    """A stored tensor name inside a stack: `prefix` + index + '.' + `rest`."""
+
+    stack: Stack
+    prefix: str
+    index: int
+    rest: str
+
+
+# ---------------------------------------------------------------------------------
+# the structure of an architecture
+
+STRUCTURES: dict[str, Structure] = {}  # cache key -> structure, learned once per process
+_STRUCTURES_LOCK = threading.Lock()
+
+
+def structure_of(config: dict, reference: str = "") -> Structure:
+    """The structure of the model `config` describes, learned once per architecture."""
+    key = _structure_key(config)
+    with _STRUCTURES_LOCK:
+        known = STRUCTURES.get(key)
+    if known is not None:
+        return known
+    learned = _learn_structure(config, reference)
+    with _STRUCTURES_LOCK:
+        return STRUCTURES.setdefault(key, learned)
+
+
+def _structure_key(config: dict) -> str:
+    """Architecture, model type and which nested configs exist: not sizes (a 1B and a 70B
+    Llama share a structure). Per-layer lists are part of it (they name the layers' kinds)."""
+    named = ("model_type", "architectures", "tie_word_embeddings")
+
+    def shape_of(scope: dict) -> dict:
+        return {k: (v if k in named else shape_of(v) if isinstance(v, dict) else
+                    "list" if isinstance(v, list) else None)
+                for k, v in sorted(scope.items()) if isinstance(v, (dict, list)) or k in DEPTH_KEYS or k in named}
+    return json.dumps(shape_of(config), sort_keys=True, default=str)
+
+
+def _learn_structure(config: dict, reference: str) -> Structure:
+    import torch
+
+    model = _meta_model(config, reference)
+    model_config = model.config
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and _is_block_list(module)]
+    stacks, claimed = [], []
+    for name, module in lists:
+        if any(name.startswith(outer + ".") for outer in claimed):
+            continue  # experts inside a block: part of the block, not a stack
+        owner_path, owner, root = _owner_config(model, name, model_config)
+        depth_key = _depth_key(owner, len(module))
+        if depth_key is None:
+            continue  # a list whose length no config key holds is not a stack of layers
+        per_layer = tuple(owner_path + (key,) for key, value in sorted(owner.to_dict().items())
+                          if isinstance(value, list) and len(value) == len(module)
+                          and not key.endswith(("_id", "_ids")))
+        stacks.append(Stack("", name, root, owner_path + (depth_key,), per_layer))
+        claimed.append(name)
+    embedding = model.get_input_embeddings()
+    embedding_names = tuple(f"{n}.weight" for n, m in model.named_modules() if m is embedding)
+    head = model.get_output_embeddings()
+    head_names = [f"{n}.weight" for n, m in model.named_modules() if head is not None and m is head]
+    text_index = _text_stack(stacks, embedding_names)
+    if text_index is None:
+        kind = config.get("architectures", [config.get("model_type")])
+        raise MergeError(f"model '{reference}' ({kind[0] if kind else 'unknown'}): transformers builds it, but "
+                         "no stack of layers in it has its depth in the config, so its layers cannot be told apart")
+    ordered = [stacks[text_index]] + [s for i, s in enumerate(stacks) if i != text_index]
+    roles = [TEXT_ROLE] + [_role(stack) for stack in ordered[1:]]
+    ordered = [Stack(role, s.module, s.root, s.depth_key, s.per_layer_keys) for role, s in zip(roles, ordered)]
+    order = tuple(name for name, _ in model.named_parameters(remove_duplicate=False))
+    return Structure(type(model).__name__, tuple(ordered), embedding_names,
+                     head_names[0] if head_names else None, order, _conversion(model))
+
+
+def _meta_model(config: dict, reference: str):
+    """The model class of `config`, built on the meta device (no memory, no weights)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    where = f"model '{reference}'" if reference else "the model"
+    try:
+        config_class = AutoConfig.for_model(model_type).__class__
+    except (ValueError, KeyError):
+        raise MergeError(f"{where} is a '{model_type}' model, which transformers {transformers.__version__} does "
+                         "not know (it may need trust_remote_code): its layers cannot be read from its "
+                         "structure") from None
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    try:
+        logger.setLevel(logging.ERROR)  # warnings about token ids and defaults are not ours to show
+        model_config = config_class.from_dict({k: v for k, v in config.items() if k != "quantization_config"})
+        classes = [getattr(transformers, name, None) for name in config.get("architectures") or []]
+        model_class = next((c for c in classes if c is not None), None)
+        with torch.device("meta"):
+            if model_class is not None:
+                return model_class(model_config)
+            return _auto_model(model_config)
+    except MergeError:
+        raise
+    except Exception as error:  # a config transformers refuses to build
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise MergeError(f"{where}: transformers cannot build its architecture from config.json ({reason})") from None
+    finally:
+        logger.setLevel(level)
+
+
+def _auto_model(model_config):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModel):
+        try:
+            return auto.from_config(model_config)
+        except ValueError:
+            continue
+    raise MergeError(f"transformers has no model class for '{model_config.model_type}'")
+
+
+def _is_block_list(module) -> bool:
+    children = list(module)
+    return bool(children) and len({type(c) for c in children}) == 1 and \
+        any(True for _ in children[0].parameters())
+
+
+def _owner_config(model, module_name: str, top):
+    """The (nested) config the stack was built from, its path in the top config, and the
+    stack's root: the outermost submodule built from that config (the tower it belongs to)."""
+    node, owner, root = model, top, None
+    path = module_name.split(".")
+    for depth, part in enumerate(path[:-1], start=1):
+        node = getattr(node, part)
+        config = getattr(node, "config", None)
+        if config is not None and config is not owner:
+            owner, root = config, ".".join(path[:depth])
+        elif root is None and config is not None:
+            root = ".".join(path[:depth])
+    root = root if root is not None else ".".join(path[:-1])
+    for key, value in top.to_dict().items():
+        nested = getattr(top, key, None)
+        if isinstance(value, dict) and nested is owner:
+            return (key,), owner, root
+    return (), owner, root
+
+
+def _depth_key(owner, length: int) -> Optional[str]:
+    values = owner.to_dict()
+    for key in DEPTH_KEYS:
+        if type(values.get(key)) is int and values[key] == length:
+            return key
+    return next((k for k, v in values.items() if type(v) is int and v == length
+                 and ("layer" in k or "depth" in k) and not k.startswith(("max_", "first_"))), None)
+
+
+def _text_stack(stacks: list[Stack], embedding_names: tuple[str, ...]) -> Optional[int]:
+    """The decoder stack: the one whose submodule also holds the input embeddings."""
+    for index, stack in enumerate(stacks):
+        if any(name.startswith(stack.root + ".") or not stack.root for name in embedding_names):
+            return index
+    return 0 if len(stacks) == 1 else None
+
+
+def _role(stack: Stack) -> str:
+    where = ".".join(stack.depth_key + (stack.module,)).lower()
+    for kind, role in (("vision", "vision_tower"), ("visual", "vision_tower"), ("audio", "audio_tower")):
+        if kind in where:
+            return role
+    return stack.module
+
+
+def _conversion(model):
+    """transformers' stored-name -> module-name mapping for this model, when it has one."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        keys = dict.fromkeys(name for name, _ in model.named_parameters(remove_duplicate=False))
+        return renamings, converters, getattr(model, "base_model_prefix", None), keys
+    except Exception:  # an older or newer transformers: names are then taken as stored
+        return None
+
+
+_RENAME_LOCK = threading.Lock()  # transformers' transforms remember what they matched
+
+
+@lru_cache(maxsize=200_000)
+def _module_name(structure: Structure, stored: str) -> str:
+    if structure.mapping is None:
+        return stored
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters, prefix, keys = structure.mapping
+    try:
+        with _RENAME_LOCK:
+            return rename_source_key(stored, renamings, converters, prefix, keys)[0]
+    except Exception:
+        return stored
+
+
+# ---------------------------------------------------------------------------------
+# one checkpoint's tensors in that structure
+
+class Layout:
+    """One checkpoint's stored tensor names sorted into stacks and the rest."""
+
+    def __init__(self, structure: Structure, names, config: dict):
+        self.structure = structure
+        self.config = config
+        self.layers: dict[str, LayerName] = {}
+        self.by_layer: dict[tuple[str, int], list[str]] = {}
+        self.module_names: dict[str, str] = {}
+        for name in names:
+            module = structure.module_name(name)
+            self.module_names[name] = module
+            parts = _stack_position(structure, name, module)
+            if parts is not None:
+                self.layers[name] = parts
+                self.by_layer.setdefault((parts.stack.role, parts.index), []).append(name)
+
+    # ---- stacks -----------------------------------------------------------------
+    @property
+    def stacks(self) -> tuple[Stack, ...]:
+        return self.structure.stacks
+
+    @property
+    def text(self) -> Stack:
+        return self.structure.text
+
+    def depth(self, stack: Optional[Stack] = None) -> int:
+        """Layers in `stack` (the text decoder by default), from its config key."""
+        stack = stack or self.text
+        value = config_value(self.config, stack.depth_key)
+        if type(value) is int:
+            return value
+        indices = [p.index for p in self.layers.values() if p.stack == stack]
+        return max(indices) + 1 if indices else 0
+
+    def layer_tensors(self, index: int, stack: Optional[Stack] = None) -> list[str]:
+        return self.by_layer.get(((stack or self.text).role, index), [])
+
+    def split(self, name: str) -> Optional[LayerName]:
+        return self.layers.get(name)
+
+    def stack_of(self, name: str) -> Optional[Stack]:
+        """The stack whose submodule holds `name` (its blocks, or its embeddings and norms
+        outside the blocks); None for tensors of no stack's submodule (the output head, a
+        projector between towers)."""
+        parts = self.layers.get(name)
+        if parts is not None:
+            return parts.stack
+        module = self.module_names.get(name, name)
+        if self.is_input_embedding(name) or self.is_output_head(name):
+            return self.text
+        owners = [s for s in self.stacks if s.root and module.startswith(s.root + ".")]
+        if owners:
+            return max(owners, key=lambda s: len(s.root))
+        return self.text if len(self.stacks) == 1 or not self.text.root else None
+
+    # ---- the rest ---------------------------------------------------------------
+    def is_input_embedding(self, name: str) -> bool:
+        return self.module_names.get(name, name) in self.structure.input_embeddings
+
+    def is_output_head(self, name: str) -> bool:
+        return self.module_names.get(name, name) == self.structure.output_head
+
+    def is_vocabulary(self, name: str) -> bool:
+        """Tensors with one row per token: input embeddings and the output head."""
+        return self.is_input_embedding(name) or self.is_output_head(name)
+
+    def comes_before(self, name: str, stack: Optional[Stack] = None) -> bool:
+        """Whether a tensor outside the blocks sits before `stack`'s blocks (embeddings)
+        or after them (final norm, output head), by where transformers registers it."""
+        stack = stack or self.stack_of(name) or self.text
+        module = self.module_names.get(name, name)
+        if self.is_input_embedding(name):
+            return True
+        if self.is_output_head(name):
+            return False
+        order = _order_index(self.structure)
+        first = order.get(stack.module)
+        position = order.get(module)
+        if first is None or position is None:
+            return False
+        return position < first
+
+    def tied_head_source(self, name: str) -> Optional[str]:
+        """For an output head the checkpoint does not store (tied embeddings): the stored
+        input embedding it reuses."""
+        if self.module_names.get(name, name) != self.structure.output_head and not _looks_like_head(name):
+            return None
+        return next((n for n in self.module_names if self.is_input_embedding(n)), None)
+
+    def match_names(self, name: str) -> tuple[str, ...]:
+        """The names a parameter `filter` is matched against: the stored one and the one
+        transformers loads it into (so `mlp` finds Mixtral's stored `block_sparse_moe`)."""
+        module = self.module_names.get(name)
+        return (name,) if module is None or module == name else (name, module)
+
+
+def _looks_like_head(name: str) -> bool:
+    return name.startswith("lm_head") or name.endswith("embed_out.weight")
+
+
+@lru_cache(maxsize=64)
+def _order_index(structure: Structure) -> dict[str, int]:
+    """Module parameter name (and each stack's module path) -> registration position."""
+    order = {}
+    for position, name in enumerate(structure.parameter_order):
+        order.setdefault(name, position)
+        for stack in structure.stacks:
+            if name.startswith(stack.module + "."):
+                order.setdefault(stack.module, position)
+    return order
+
+
+def _stack_position(structure: Structure, stored: str, module: str) -> Optional[LayerName]:
+    for stack in structure.stacks:
+        head = stack.module + "."
+        if not module.startswith(head):
+            continue
+        index_text, _, _ = module[len(head):].partition(".")
+        if not index_text.isdigit():
+            continue
+        # find the same index in the stored name, after the stack's own last path part
+        last = stack.module.rsplit(".", 1)[-1]
+        parts = stored.split(".")
+        for position in range(1, len(parts) - 1):
+            if parts[position] == index_text and parts[position - 1] == last:
+                return LayerName(stack, ".".join(parts[:position]) + ".", int(index_text),
+                                 ".".join(parts[position + 1:]))
+    return None
+
+
+def config_value(config: dict, path: tuple[str, ...]):
+    scope = config
+    for key in path:
+        if not isinstance(scope, dict):
+            return None
+        scope = scope.get(key)
+    return scope
+
+
+def set_config_value(config: dict, path: tuple[str, ...], value) -> None:
+    scope = config
+    for key in path[:-1]:
+        scope = scope.setdefault(key, {})
+    scope[path[-1]] = value
+
+
+def layout_of(checkpoint) -> Layout:
+    """The layout of a checkpoint's tensors (cached on the checkpoint)."""
+    layout = getattr(checkpoint, "_layout", None)
+    if layout is None:
+        structure = structure_of(checkpoint.config, checkpoint.reference)
+        layout = Layout(structure, list(checkpoint.tensors), checkpoint.config)
+        checkpoint._layout = layout
+    return layout
+
+
+# ---------------------------------------------------------------------------------
+# names that need no structure
+
+def layer_tensor_name(prefix: str, index: int, rest: str) -> str:
+    return f"{prefix}{index}.{rest}"
+
+
+def module_type(name: str) -> str:
+    """q, k, v, o, gate, up, down, norm, embed, lm_head, or other."""
+    for needle, kind in MODULE_TYPES:
+        if needle in name:
+            return kind
+    return "other"
+
+
+LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def adapter_layer_index(name: str) -> Optional[int]:
+    """The layer of a LoRA adapter's module name (PEFT names follow the base's modules)."""
+    match = LAYER_NAME.match(name)
+    return int(match["index"]) if match else None
+
+
+# ---------------------------------------------------------------------------------
+# name-pattern helpers, kept while callers move to Layout (removed when none is left)
+
+@lru_cache(maxsize=None)
 def split_layer_name(name: str) -> Optional[tuple[str, int, str]]:
-    """'model.layers.3.mlp.up_proj.weight' -> ('model.layers.', 3, 'mlp.up_proj.weight')."""
     match = LAYER_NAME.match(name)
     if match is None:
         return None
     return match["prefix"], int(match["index"]), match["rest"]
-
-
-def layer_tensor_name(prefix: str, index: int, rest: str) -> str:
-    return f"{prefix}{index}.{rest}"
 
 
 def layer_count(checkpoint) -> int:
@@ -45,28 +485,17 @@ def layer_count(checkpoint) -> int:
 
 
 def is_vocabulary_tensor(name: str) -> bool:
-    """Tensors with one row per token: input embeddings and the output head."""
     return "embed_tokens" in name or name.startswith("lm_head") or name.endswith("wte.weight")
 
 
 def is_before_layers(name: str) -> bool:
-    """Non-layer tensors that come before the stack (embeddings); the rest come after."""
     return "embed" in name or name.endswith("wte.weight") or name.endswith("wpe.weight")
 
 
 def tied_alternative(name: str, names) -> Optional[str]:
-    """For a missing lm_head in a model with tied embeddings: the embedding it reuses."""
     if not name.startswith("lm_head"):
         return None
     return next((n for n in names if "embed_tokens" in n and n.endswith(".weight")), None)
-
-
-def module_type(name: str) -> str:
-    """q, k, v, o, gate, up, down, norm, embed, lm_head, or other."""
-    for needle, kind in MODULE_TYPES:
-        if needle in name:
-            return kind
-    return "other"
 
 
 def vocabulary_size(checkpoint) -> Optional[int]:

@@ -7,7 +7,7 @@ its output slice's, then the top level's.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Union
 
 Setting = Any
 NOT_FOUND = None
@@ -38,9 +38,14 @@ def is_conditional(setting: Setting) -> bool:
                                          and isinstance(setting[0], dict))
 
 
-def filter_matches(filter_text: Optional[str], tensor_name: str) -> bool:
-    """mergekit's rule: no filter or '*' matches all; otherwise a substring match."""
-    return filter_text is None or filter_text == "*" or (bool(tensor_name) and filter_text in tensor_name)
+def filter_matches(filter_text: Optional[str], tensor_name: Union[str, tuple[str, ...]]) -> bool:
+    """mergekit's rule: no filter or '*' matches all; otherwise a substring match. A tensor
+    may be known by several names (as stored, and the module it loads into: Mixtral's stored
+    `block_sparse_moe` is transformers' `mlp`); a filter matching any of them matches."""
+    if filter_text is None or filter_text == "*":
+        return True
+    names = (tensor_name,) if isinstance(tensor_name, str) else tensor_name
+    return any(bool(name) and filter_text in name for name in names)
 
 
 def evaluate(setting: Setting, tensor_name: str, position: float) -> Any:
