@@ -73,7 +73,7 @@ def extract_parser() -> argparse.ArgumentParser:
 def run_extract(args) -> int:
     from tqdm import tqdm
 
-    from .lora import extract_lora
+    from .extract import extract_lora
 
     with tqdm(unit="tensor", desc="extracting", file=sys.stderr, dynamic_ncols=True) as bar:
         def progress(done, total):

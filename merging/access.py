@@ -7,7 +7,7 @@ id as a hub id, and reads the hub with the visitor's own token (signed in) or wi
 never the server's: a stranger must not merge a private or gated model the owner can read.
 
     with access_scope(visitor_access(token, session_folder)):
-        plan_stages(recipe)       # every Checkpoint.open inside obeys it
+        plan_stages(recipe)       # every open_model inside obeys it
 
 The scope is a context variable, so it holds for the code that runs in the handler's
 thread; anything outside a scope (another thread, say) gets the deployment's default,

@@ -57,7 +57,7 @@ def gguf_path() -> Optional[Path]:
 
 def hub_unavailable() -> Optional[str]:
     """Why the base cannot come from the hub (offline, or its host does not answer), or None."""
-    from .checkpoint import hub_endpoint, hub_offline, hub_reachable
+    from .sources.hub import hub_endpoint, hub_offline, hub_reachable
 
     if hub_offline():
         return "HF_HUB_OFFLINE is set"

@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import Checkpoint
 from .config import MergeConfig, MultiStageConfig, load_config
 from .engine import Scratch, merged_blocks, resolve_device
 from .methods.registry import TensorCache
@@ -24,6 +23,7 @@ from .errors import MergeError
 from .folder import resolve_chat_template
 from .pipeline import fetch_weights, open_checkpoints
 from .plan import TORCH_DTYPES, MergePlan, TensorTask, plan_merge
+from .sources import Checkpoint
 
 
 @dataclass
@@ -171,7 +171,7 @@ class LiveMerge:
             return None
         tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=self.trust_remote_code)
         if plan.vocabulary is not None:
-            from .vocabulary import extend_tokenizer
+            from .sources.vocabulary import extend_tokenizer
 
             extend_tokenizer(tokenizer, plan.vocabulary)
         if plan.config.chat_template:

@@ -24,12 +24,12 @@ import torch
 
 from . import folder as folder_files
 from .architecture import split_layer_name
-from .checkpoint import Checkpoint
 from .config import load_config
 from .engine import resolve_device
 from .errors import MergeError
 from .moe_config import MoEConfig
 from .plan import TORCH_DTYPES, check_loader_fields, format_bytes, tensor_seed
+from .sources import Checkpoint, open_model
 from .writer import ShardedSafetensorsWriter, atomic_folder, check_output_folder
 
 DENSE_TYPES = ("llama", "mistral")  # dense models whose blocks are Mixtral's, MLP aside
@@ -117,7 +117,7 @@ def plan_moe(config, checkpoints: Optional[dict[str, Checkpoint]] = None,
     checkpoints = dict(checkpoints or {})
     for reference in config.referenced_models():
         if reference not in checkpoints:
-            checkpoints[reference] = Checkpoint.open(reference, download_weights=False)
+            checkpoints[reference] = open_model(reference, download_weights=False)
     base = checkpoints[config.base_model]
     for reference in config.referenced_models():
         check_loader_fields(reference, checkpoints[reference].config)

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import folder as folder_files
-from .checkpoint import Checkpoint
 from .config import MergeConfig, MultiStageConfig, load_config
 from .engine import Progress, resolve_device, run_plan
 from .errors import MergeError
 from .plan import MergePlan, plan_merge
+from .sources import Checkpoint, open_folder, open_model
 from .writer import (ShardedSafetensorsWriter, atomic_folder, check_free_space, check_output_folder,
                      claim_folder, make_sibling_folder, remove_siblings)
 
@@ -27,7 +27,7 @@ def open_checkpoints(config: MergeConfig, known: Optional[dict[str, Checkpoint]]
         if known and name in known:
             checkpoints[name] = known[name]
         else:
-            checkpoints[name] = Checkpoint.open(name, download_weights=False)
+            checkpoints[name] = open_model(name, download_weights=False)
     return checkpoints
 
 
@@ -104,7 +104,7 @@ def write_earlier_stages(plans: list[MergePlan], work: Path, device: str = "auto
         target = work / stage_folder_name(index, plan.config.name)
         # an intermediate folder left by an earlier run is stale: replace it
         write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=True)
-        written[plan.config.name] = Checkpoint.from_folder(target, plan.config.name)
+        written[plan.config.name] = open_folder(target, plan.config.name)
     return written
 
 
@@ -145,7 +145,7 @@ def write_merge(plan: MergePlan, out_dir: Path, device: str, progress: Optional[
         if plan.vocabulary is not None and plan.vocabulary.new_tokens:  # union: the donor's plus the new tokens
             from transformers import AutoTokenizer
 
-            from .vocabulary import extend_tokenizer
+            from .sources.vocabulary import extend_tokenizer
 
             extend_tokenizer(AutoTokenizer.from_pretrained(donor), plan.vocabulary).save_pretrained(temporary)
         if config.chat_template:

@@ -16,10 +16,10 @@ import torch
 
 from . import architecture as arch
 from . import parameters as params_mod
-from .checkpoint import Checkpoint, TensorInfo
 from .config import MergeConfig, OutputSlice, SliceSource
 from .errors import MergeError
 from .methods.registry import BASE_IGNORED, Method
+from .sources import Checkpoint, TensorInfo
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -306,7 +306,7 @@ def _align_vocabularies(config: MergeConfig, checkpoints: dict[str, Checkpoint],
                         warnings: list[str]):
     """Models whose vocabularies differ, wrapped to read their token rows in the output
     vocabulary's order (see merging.vocabulary); unchanged when they agree."""
-    from .vocabulary import AlignedCheckpoint, align_vocabularies
+    from .sources.vocabulary import AlignedCheckpoint, align_vocabularies
 
     models = config.referenced_models()
     inner = {m: c.inner if isinstance(c, AlignedCheckpoint) else c for m, c in checkpoints.items()}

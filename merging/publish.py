@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
-from .checkpoint import hub_endpoint, hub_offline, hub_reachable
 from .errors import MergeError
+from .sources.hub import hub_endpoint, hub_offline, hub_reachable
 
 REPO_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]{0,95}$")
 

@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .checkpoint import TORCH_TO_SAFETENSORS
 from .errors import MergeError
+from .sources.tensors import TORCH_TO_SAFETENSORS
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

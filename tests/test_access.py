@@ -11,7 +11,7 @@ import pytest
 
 from merging import MergeError
 from merging.access import access_scope, visitor_access
-from merging.checkpoint import Checkpoint
+from merging.sources import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -33,7 +33,7 @@ ACCESS_SCRIPT = """
 import json, os
 from merging import MergeError
 from merging.access import access_scope, visitor_access
-from merging.checkpoint import Checkpoint
+from merging.sources import open_model
 
 def attempt(reference, phase):
     import urllib.request
@@ -42,7 +42,7 @@ def attempt(reference, phase):
     except Exception:
         pass
     try:
-        return "read" if Checkpoint.open(reference).has_weights else "no weights"
+        return "read" if open_model(reference).has_weights else "no weights"
     except MergeError as error:
         return str(error)
 
@@ -89,19 +89,19 @@ def test_public_local_paths_only_inside_the_allowed_folders(tiny, demo_cache, tm
     messages = set()
     for reference in (outside, outside + "/../c1", "~/nowhere", str(tmp_path / "does-not-exist")):
         with pytest.raises(MergeError) as refused:
-            Checkpoint.open(reference)
+            open_model(reference)
         messages.add(str(refused.value).replace(reference, "X"))
     assert messages == {"model 'X': local paths are disabled on a public deployment"}  # existence not revealed
-    assert Checkpoint.open(str(demo_cache / "demo" / "smollm2-json")).num_layers == 30
+    assert open_model(str(demo_cache / "demo" / "smollm2-json")).num_layers == 30
     session_folder = tmp_path / "session"
     model = session_folder / "stages" / "00-first"
     model.parent.mkdir(parents=True)
     model.symlink_to(Path(outside))  # a link inside the session folder to a model outside it
     with access_scope(visitor_access(None, (session_folder,))):
         with pytest.raises(MergeError, match="local paths are disabled"):
-            Checkpoint.open(str(model))
+            open_model(str(model))
     with pytest.raises(MergeError, match="hub is offline"):  # shaped like a hub id: the hub's, never a folder
-        Checkpoint.open("tests/fake_hub.py")
+        open_model("tests/fake_hub.py")
 
 
 def test_the_launched_public_app_uses_no_token_of_its_own(private_hub, demo_cache, tmp_path):

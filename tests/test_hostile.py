@@ -152,7 +152,7 @@ def private_hub(root: Path, tiny):
     from huggingface_hub import snapshot_download
 
     from fake_hub import FakeHub
-    from merging.lora import extract_lora
+    from merging.extract import extract_lora
 
     adapter = root / "hub" / "secret-adapter"
     extract_lora(str(tiny["c1"]), str(tiny["base"]), adapter, rank=2)

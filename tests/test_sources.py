@@ -13,7 +13,7 @@ import torch
 
 from helpers import load_tensors, run_cli
 from merging import MergeError, merge
-from merging.checkpoint import Checkpoint
+from merging.sources import open_model
 
 
 def _copy_small_files(source: Path, target: Path) -> None:
@@ -115,7 +115,7 @@ def test_an_adapter_on_the_fly_equals_the_model_peft_merged(tiny, adapter, tmp_p
     folder, peft_merged = adapter
     expected = load_tensors(peft_merged)
     for reference in (f"{tiny.path('base')}+{folder}", str(folder)):  # mergekit's syntax, and the folder alone
-        checkpoint = Checkpoint.open(reference)
+        checkpoint = open_model(reference)
         assert len(checkpoint.updates) == 13 and sorted(checkpoint.replacements) == ["lm_head.weight",
                                                                                         "model.embed_tokens.weight"]
         for name, tensor in expected.items():
@@ -126,12 +126,39 @@ def test_an_adapter_on_the_fly_equals_the_model_peft_merged(tiny, adapter, tmp_p
     assert not list(tmp_path.glob("m/*adapter*"))  # nothing of the adapter materialized on disk
 
 
+def test_an_adapter_over_a_base_known_by_its_headers_fetches_the_base(tiny, adapter):
+    """A base+adapter planned before the base's weights are down (a hub base, without
+    download_weights) opens the base again with weights when fetched."""
+    from dataclasses import replace
+
+    from merging.sources import Checkpoint, open_folder
+    from merging.sources.lora import open_lora
+
+    folder, peft_merged = adapter
+    opened = []
+
+    def open_base(reference, download_weights):
+        opened.append(download_weights)
+        full = open_folder(Path(reference))
+        if download_weights:
+            return full
+        headers = {name: replace(info, file=None) for name, info in full.tensors.items()}
+        return Checkpoint(reference, full.folder, full.config, headers)
+
+    planned = open_lora(f"{tiny.path('base')}+{folder}", open_base, download_weights=False)
+    assert not planned.has_weights and opened == [False]
+    fetched = planned.fetched()
+    assert fetched.has_weights and opened == [False, True] and fetched.fetched() is fetched
+    expected = load_tensors(peft_merged)
+    assert all(torch.allclose(fetched.read(n).float(), expected[n], atol=1e-6) for n in expected)
+
+
 def test_adapter_errors_name_the_problem(tiny, adapter, tmp_path):
     folder, _ = adapter
     with pytest.raises(MergeError, match="is not a LoRA adapter folder"):
-        Checkpoint.open(f"{tiny.path('base')}+{tiny.path('c1')}")
+        open_model(f"{tiny.path('base')}+{tiny.path('c1')}")
     with pytest.raises(MergeError, match="which its base model does not have"):
-        Checkpoint.open(f"{tiny.path('tied')}+{folder}")  # a tied model has no lm_head to replace
+        open_model(f"{tiny.path('tied')}+{folder}")  # a tied model has no lm_head to replace
 
 
 def test_extract_lora_recovers_a_low_rank_fine_tune(tiny, tmp_path):
@@ -170,7 +197,7 @@ def test_a_gguf_merges_like_its_original_within_the_quantization_error(tiny, tmp
     assert ours.keys() == reference.keys()
     worst = max(((ours[k] - reference[k]).abs().max() / reference[k].abs().max()).item() for k in reference)
     assert worst <= tolerance, worst
-    checkpoint = Checkpoint.open(str(gguf_path))
+    checkpoint = open_model(str(gguf_path))
     assert checkpoint.config["num_hidden_layers"] == 4 and checkpoint.config["model_type"] == "llama"
 
 
@@ -241,15 +268,15 @@ def test_a_models_vocabulary_is_matched_by_token_not_by_position(token_family, t
 
 
 def test_public_deployments_check_both_sides_of_base_plus_adapter(tiny, adapter, monkeypatch):
-    from merging.checkpoint import Checkpoint
+    from merging.sources import open_model
 
     monkeypatch.setenv("MERGELAB_PUBLIC", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MergeError, match="hub is offline"):  # hub ids on both sides: the hub's
-        Checkpoint.open("org/base+org/adapter")
+        open_model("org/base+org/adapter")
     for reference in (f"org/base+{adapter[0]}", f"{tiny.path('base')}+{adapter[0]}", tiny.path("base")):
         with pytest.raises(MergeError, match="local paths are disabled on a public deployment"):
-            Checkpoint.open(reference)
+            open_model(reference)
 
 
 def test_the_app_merges_adapters_and_gguf_files(server, tiny, adapter, tmp_path):

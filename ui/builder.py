@@ -9,8 +9,8 @@ from typing import Optional
 import gradio as gr
 
 from merging import METHODS, MergeConfig, MergeError, get_method
-from merging.checkpoint import Checkpoint
 from merging.config import InputModel
+from merging.sources import open_model
 
 from merging.access import hub_token
 from merging.limits import check as check_limit, limit
@@ -31,7 +31,7 @@ def compatibility(models: list[str], base: Optional[str], request: gr.Request = 
     rows, reference = [], None
     for name in names:
         try:
-            config = Checkpoint.open(name, download_weights=False).config
+            config = open_model(name, download_weights=False).config
         except MergeError as error:
             rows.append(f"| `{name}` | | | | | | cannot be read: {error} |")
             continue
@@ -56,7 +56,7 @@ def search_hub(query: str, request: gr.Request = None) -> tuple[str, dict]:
 
     from huggingface_hub import HfApi
 
-    from merging.checkpoint import hub_endpoint, hub_offline, hub_reachable
+    from merging.sources.hub import hub_endpoint, hub_offline, hub_reachable
 
     query = str(query or "")[:200]
     if not query.strip():

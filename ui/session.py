@@ -350,7 +350,7 @@ class SharedModels:
         self._lock = threading.Lock()
 
     def get(self, reference: str, dtype: torch.dtype, trust_remote_code: bool = False):
-        from merging.checkpoint import Checkpoint
+        from merging.sources import open_model
         from merging.generation import load_model
 
         key = (reference, str(dtype), trust_remote_code)
@@ -359,7 +359,7 @@ class SharedModels:
             entry.last_used = time.monotonic()
         with entry.lock:
             if entry.loaded is None:
-                checkpoint = Checkpoint.open(reference)  # hub ids resolve to their snapshot, with the visitor's access
+                checkpoint = open_model(reference)  # hub ids resolve to their snapshot, with the visitor's access
                 estimate = sum(info.numel for info in checkpoint.tensors.values()) * dtype.itemsize
                 self._make_room(estimate, keep=key)
                 try:

@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from .architecture import is_vocabulary_tensor
-from .checkpoint import Checkpoint
-from .errors import MergeError
+from ..architecture import is_vocabulary_tensor
+from ..errors import MergeError
+from .tensors import Checkpoint
 
 MISSING = -1
 
@@ -95,7 +95,7 @@ def align_vocabularies(checkpoints: dict[str, Checkpoint], models: list[str], ba
                        union: bool) -> Optional[VocabularyAlignment]:
     """The alignment when the models' vocabularies differ (by token or by row count); None
     when they agree, or when a model has no tokenizer to match tokens by."""
-    from .architecture import vocabulary_size
+    from ..architecture import vocabulary_size
 
     rows = {m: vocabulary_size(checkpoints[m]) for m in models}
     if len(set(rows.values())) == 1 and len({_tokenizer_fingerprint(checkpoints[m]) for m in models}) == 1:
@@ -196,7 +196,7 @@ class AlignedCheckpoint(Checkpoint):
 
 
 def _tied(checkpoint: Checkpoint, name: str) -> str:
-    from .architecture import tied_alternative
+    from ..architecture import tied_alternative
 
     alternative = tied_alternative(name, checkpoint.tensors)
     if alternative is None:

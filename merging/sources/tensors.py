@@ -1,4 +1,5 @@
-"""Reading models tensor by tensor: local folders and Hugging Face hub snapshots.
+"""The base of every model source: `TensorInfo`, safetensors headers, and `Checkpoint`, a
+model's config and tensors read lazily from its safetensors files.
 
 Safetensors files are memory-mapped and read one tensor at a time; the pages of a
 tensor are handed back to the kernel once it has been used, so resident memory stays
@@ -16,9 +17,8 @@ from typing import Optional
 
 import torch
 
-from .access import HUB_ID, current_access, hub_token
-from .architecture import layer_count, split_layer_name
-from .errors import MergeError
+from ..architecture import layer_count, split_layer_name
+from ..errors import MergeError
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -27,10 +27,6 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-# The files a merge needs from a hub repo: config, weights, tokenizer. Not .bin/.gguf/onnx.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "merges.txt", "vocab.txt",
-                "*.jinja", "*.tiktoken"]
-HUB_SMALL_PATTERNS = [p for p in HUB_PATTERNS if p != "*.safetensors"]
 
 
 @dataclass(frozen=True)
@@ -142,7 +138,8 @@ def _quoted(value, limit: int = 80) -> str:
 class Checkpoint:
     """A model's config and tensors, read lazily from its safetensors files.
 
-    `Checkpoint.open(reference)` accepts a local folder or a hub id `org/name[@revision]`.
+    `merging.sources.open_model(reference)` opens one from a local folder, a hub id
+    `org/name[@revision]`, a .bin folder, a GGUF file or a LoRA adapter.
     """
 
     def __init__(self, reference: str, folder: Optional[Path], config: dict,
@@ -156,57 +153,6 @@ class Checkpoint:
         self._files: dict[Path, object] = {}
         self.warnings: list[str] = []  # what a merge of this model should say (quantization, ...)
 
-    # ---- opening ------------------------------------------------------------------
-    @staticmethod
-    def open(reference: str, download_weights: bool = True) -> "Checkpoint":
-        from .gguf_source import GGUFCheckpoint, gguf_file  # these build on this module: imported here
-        from .lora import is_adapter_folder, open_lora
-
-        access = current_access()
-        if access.restricted:  # a public deployment: hub ids go to the hub, local paths only if allowed
-            if "+" in reference:
-                return open_lora(reference, download_weights)  # each side is checked on its own
-            if access.reads_from_hub(reference):
-                return open_hub_model(reference, download_weights)
-        folder = Path(reference).expanduser()
-        if ("+" in reference and not folder.exists()) or (folder.is_dir() and is_adapter_folder(folder)):
-            return open_lora(reference, download_weights)
-        gguf = gguf_file(reference)
-        if gguf is not None:
-            return GGUFCheckpoint(reference, gguf)
-        if folder.is_dir():
-            return Checkpoint.from_folder(folder, reference)
-        if folder.suffix in (".safetensors", ".gguf", ".bin") or folder.exists():
-            raise MergeError(f"model '{reference}' must be a folder with config.json and safetensors weights")
-        if not HUB_ID.match(reference):
-            raise MergeError(f"model '{reference}' is neither a local folder nor a hub id (org/name)")
-        return open_hub_model(reference, download_weights)
-
-    @staticmethod
-    def from_folder(folder: Path, reference: Optional[str] = None) -> "Checkpoint":
-        reference = reference or str(folder)
-        config = read_config(folder, reference)
-        index = folder / "model.safetensors.index.json"
-        files = []
-        if index.is_file():
-            files = shard_files(index, reference)
-        elif (folder / "model.safetensors").is_file():
-            files = [folder / "model.safetensors"]
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            from .torch_bin import TorchBinCheckpoint, bin_files
-
-            if bin_files(folder, reference):
-                return TorchBinCheckpoint(reference, folder, config, bin_files(folder, reference))
-            others = [p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".gguf")]
-            extra = f" (found {others[0]}; only safetensors and .bin weights are supported)" if others else ""
-            raise MergeError(f"model '{reference}' has no safetensors weights in '{folder}'{extra}")
-        tensors: dict[str, TensorInfo] = {}
-        for file in files:
-            tensors.update(read_safetensors_header(file))
-        return Checkpoint(reference, folder, config, tensors)
-
     # ---- reading ------------------------------------------------------------------
     @property
     def has_weights(self) -> bool:
@@ -214,11 +160,9 @@ class Checkpoint:
         return all(info.file is not None for info in self.tensors.values())
 
     def fetched(self) -> "Checkpoint":
-        """This model with its weights on disk: a hub model checked by its headers is
-        downloaded now; anything else is itself."""
-        if self.folder is None or self.has_weights:
-            return self
-        return Checkpoint.open(self.reference, download_weights=True)
+        """This model with its weights on disk: itself here; a hub model checked by its
+        headers (merging.sources.hub.HubHeaders) and what wraps one download them now."""
+        return self
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -317,122 +261,3 @@ def read_config(folder: Path, reference: str) -> dict:
     if not isinstance(config, dict):
         raise MergeError(f"config.json of model '{reference}' is not a JSON object")
     return config
-
-
-def split_hub_id(reference: str) -> tuple[str, Optional[str]]:
-    repo, _, revision = reference.partition("@")
-    return repo, (revision or None)
-
-
-def open_hub_model(reference: str, download_weights: bool = True) -> Checkpoint:
-    """Resolve `org/name[@revision]` through huggingface_hub: the cache first (works
-    offline), then the network, downloading only config, tokenizer and safetensors
-    files. Without `download_weights`, only small files are fetched and tensor shapes
-    come from the safetensors headers on the hub (enough for checks and plans)."""
-    repo, revision = split_hub_id(reference)
-    if not current_access().restricted:  # a visitor of a public deployment is checked with the hub first
-        folder = _hub_snapshot(reference, repo, revision, HUB_PATTERNS, local_only=True)
-        if folder is not None and any(folder.glob("*.safetensors")):
-            return Checkpoint.from_folder(folder, reference)
-    if not download_weights:
-        folder = _hub_snapshot(reference, repo, revision, HUB_SMALL_PATTERNS, local_only=False)
-        config = read_config(folder, reference)
-        return Checkpoint(reference, folder, config, _hub_tensor_infos(reference, repo, revision))
-    folder = _hub_snapshot(reference, repo, revision, HUB_PATTERNS, local_only=False)
-    return Checkpoint.from_folder(folder, reference)
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-
-
-def hub_reachable(endpoint: str, seconds: float = 3.0) -> bool:
-    """Whether the hub's host answers a TCP connection (huggingface_hub itself would retry
-    for half a minute before saying it cannot)."""
-    import socket
-    from urllib.parse import urlparse
-
-    parts = urlparse(endpoint)
-    try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                                 timeout=seconds).close()
-        return True
-    except OSError:
-        return False
-
-
-def _hub_snapshot(reference: str, repo: str, revision: Optional[str], patterns: list[str],
-                  local_only: bool) -> Optional[Path]:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hub_errors
-
-    if not local_only and hub_offline():
-        raise MergeError(f"model '{reference}' is not in the Hugging Face cache and the hub is "
-                         "offline (HF_HUB_OFFLINE is set)")
-    if current_access().restricted:
-        # the cache is shared by every visitor, and huggingface_hub falls back to it when the hub
-        # says no: ask the hub first whether this visitor may read the repo
-        if local_only:
-            return None
-        check_hub_read_access(reference, repo, revision)
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
-                                      local_files_only=local_only, token=hub_token()))
-    except (hub_errors.GatedRepoError, hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as error:
-        raise hub_refusal(error, repo, revision) from None
-    except Exception as error:  # connection errors come in many types
-        if local_only:
-            return None
-        raise MergeError(f"cannot download model '{reference}': the Hugging Face hub is not "
-                         f"reachable and the model is not in the cache ({type(error).__name__})") from None
-
-
-def hub_refusal(error: Exception, repo: str, revision: Optional[str]) -> MergeError:
-    """The hub's no, in one line: gated, not there (or not readable with this token), or no
-    such revision; how to get in says what this deployment offers (log in, or sign in)."""
-    from huggingface_hub import errors as hub_errors
-
-    get_in = "sign in" if current_access().restricted else "log in with hf auth login"
-    if isinstance(error, hub_errors.GatedRepoError):
-        return MergeError(f"model '{repo}' is gated: accept its terms on the hub and {get_in}")
-    if isinstance(error, hub_errors.RevisionNotFoundError):
-        return MergeError(f"model '{repo}' has no revision '{revision}'")
-    return MergeError(f"no model '{repo}' on the Hugging Face hub that you can read (if it is private, {get_in})")
-
-
-def check_hub_read_access(reference: str, repo: str, revision: Optional[str]) -> None:
-    """Ask the hub, with the current token, whether the repo can be read: a model another
-    visitor's token brought into the shared cache is not readable without it
-    (huggingface_hub itself falls back to the cache when the hub says no)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub import errors as hub_errors
-
-    if hub_offline():
-        raise MergeError(f"model '{reference}': the hub is offline here (HF_HUB_OFFLINE is set), so "
-                         "access to it cannot be checked")
-    try:
-        HfApi(endpoint=hub_endpoint()).model_info(repo, revision=revision, token=hub_token())
-    except (hub_errors.GatedRepoError, hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as error:
-        raise hub_refusal(error, repo, revision) from None
-    except Exception as error:  # connection errors come in many types
-        raise MergeError(f"cannot reach the Hugging Face hub to check model '{reference}' "
-                         f"({type(error).__name__})") from None
-
-
-def _hub_tensor_infos(reference: str, repo: str, revision: Optional[str]) -> dict[str, TensorInfo]:
-    from huggingface_hub import get_safetensors_metadata
-
-    try:
-        metadata = get_safetensors_metadata(repo, revision=revision, token=hub_token())
-    except Exception as error:
-        raise MergeError(f"cannot read the safetensors headers of '{reference}' from the hub "
-                         f"({type(error).__name__})") from None
-    infos = {}
-    for file_metadata in metadata.files_metadata.values():
-        for name, tensor in file_metadata.tensors.items():
-            infos[name] = TensorInfo(name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape))
-    return infos

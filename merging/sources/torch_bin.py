@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo, shard_files
-from .errors import MergeError
+from ..errors import MergeError
+from .tensors import Checkpoint, TensorInfo, shard_files
 
 INDEX_FILE = "pytorch_model.bin.index.json"
 

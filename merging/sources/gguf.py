@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo
-from .errors import MergeError
-from .folder import cache_root
+from ..errors import MergeError
+from ..folder import cache_root
+from .tensors import Checkpoint, TensorInfo
 
 EXACT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -113,7 +113,7 @@ class GGUFCheckpoint(Checkpoint):
         """config.json and the tokenizer, derived from the GGUF's metadata as transformers does."""
         from transformers import CONFIG_MAPPING
 
-        from .writer import build_once
+        from ..writer import build_once  # the writer builds on this package
 
         values = dict(values)
         model_type = values.pop("model_type", None)
