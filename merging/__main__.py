@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intermediate-dir", help="keep the outputs of earlier stages here")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything and print the plan without merging")
+    parser.add_argument("--strict", action="store_true",
+                        help="a key that has no effect (mergekit ignores it: a mis-indented int8_mask, a "
+                             "parameter the method does not take) is an error, not a warning")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT_DIR if it exists (only once the merge has succeeded)")
     parser.add_argument("--allow-identical-experts", "--i-understand-this-is-not-useful-without-training",
@@ -128,11 +131,13 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from .config import load_config
+    from .config import check_strict, load_config
     from .engine import resolve_device
     from .writer import check_output_folder, claim_folder
 
     config = load_config(args.config)
+    if args.strict:
+        check_strict(config)
     resolve_device(args.device)
     if args.dry_run:
         return run_config(args, config)

@@ -19,10 +19,11 @@ from . import parameters as params_mod
 from .errors import MergeError, did_you_mean
 from .limits import check as check_limit
 from .methods import METHODS, get_method
+from .recipe_keys import (MODEL_ENTRY, MODEL_PATH, MODEL_REFERENCE, SLICE, SOURCE, TOKENIZER, TOP_LEVEL,
+                          ignored_key, ignored_parameter, misplaced_global)
 from .safe_yaml import load_documents
 
-TOP_LEVEL_KEYS = ("name", "merge_method", "base_model", "models", "slices", "parameters",
-                  "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
+TOP_LEVEL_KEYS = TOP_LEVEL
 DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
     "float16": "float16", "fp16": "float16", "half": "float16",
@@ -52,18 +53,58 @@ def _parameter_dict(raw: Any, where: str) -> Optional[dict]:
     return {str(k): _numbers_from_strings(v) for k, v in raw.items()}
 
 
-def model_name(raw: Any, where: str) -> str:
-    """A model reference: a local folder, a hub id `org/name[@revision]`, or a stage name."""
-    if isinstance(raw, dict) and "model" in raw:  # mergekit's expanded form
-        inner = raw["model"]
-        if isinstance(inner, dict):
-            path, revision = inner.get("path"), inner.get("revision")
-            raw = f"{path}@{revision}" if revision else path
-        else:
-            raw = inner
+def model_name(raw: Any, where: str, notes: Optional[list] = None) -> str:
+    """A model reference as mergekit reads one: a local folder, a hub id `org/name[@revision]`,
+    `model+lora` (each side with its own @revision), a stage name, or the mapping form
+    {model: NAME or {path, revision}, lora: ...}. Keys mergekit ignores in a mapping are
+    noted in `notes` (warnings)."""
+    if isinstance(raw, dict):
+        if "model" not in raw:
+            raise MergeError(f"model{where} given as a mapping needs a 'model' key, got keys "
+                             f"{', '.join(map(str, raw)) or 'none'}")
+        _note_ignored(raw, MODEL_REFERENCE, f" in the model reference{where}", notes)
+        if raw.get("override_architecture") is not None:
+            raise MergeError(f"override_architecture{where} is not supported; MergeLab reads a model's "
+                             "architecture from its config.json")
+        text = _model_path(raw["model"], where, notes)
+        if raw.get("lora") is not None:
+            text += "+" + _model_path(raw["lora"], f"{where} (lora)", notes)
+        raw = text
+    if not isinstance(raw, str) or not raw.strip():
+        raise MergeError(f"model{where} must be a path or hub id, got {raw!r}")
+    name = raw.strip()
+    parts = name.split("+")
+    if len(parts) > 2:
+        raise MergeError(f"model '{name[:80]}'{where} has more than one '+'; write MODEL+LORA")
+    for part in parts:
+        if part.count("@") > 1:
+            raise MergeError(f"model '{part[:80]}'{where} has more than one '@'; write NAME@REVISION")
+        if not part.strip() or part.endswith("@") or part.startswith("@"):
+            raise MergeError(f"model '{name[:80]}'{where} is not NAME[@REVISION][+LORA[@REVISION]]")
+    return name
+
+
+def _model_path(raw: Any, where: str, notes: Optional[list]) -> str:
+    """mergekit's ModelPath: a string, or {path, revision}."""
+    if isinstance(raw, dict):
+        _note_ignored(raw, MODEL_PATH, f" in the model path{where}", notes)
+        path, revision = raw.get("path"), raw.get("revision")
+        if not isinstance(path, str) or not path.strip():
+            raise MergeError(f"model{where} needs a 'path', got {raw!r}")
+        if revision is not None and not isinstance(revision, (str, int)):
+            raise MergeError(f"revision{where} must be a name, got {revision!r}")
+        return f"{path.strip()}@{revision}" if revision else path.strip()
     if not isinstance(raw, str) or not raw.strip():
         raise MergeError(f"model{where} must be a path or hub id, got {raw!r}")
     return raw.strip()
+
+
+def _note_ignored(data: dict, valid: tuple, where: str, notes: Optional[list], entry: str = "") -> None:
+    """A warning in `notes` for every key of `data` mergekit does not read there (`where`
+    says where, ' in models[0]'; `entry` is that model entry's path, for hints)."""
+    for key in data:
+        if key not in valid and notes is not None:
+            notes.append(ignored_key(str(key), where, valid, entry))
 
 
 @dataclass
@@ -102,6 +143,10 @@ class MergeConfig:
     chat_template: Optional[str] = None
     name: Optional[str] = None
     warnings: list[str] = field(default_factory=list, repr=False, compare=False)
+    # keys mergekit ignores, found while reading the YAML (check() adds ignored parameters to
+    # `ignored`); warnings, and errors with strict checking
+    notes: list[str] = field(default_factory=list, repr=False, compare=False)
+    ignored: list[str] = field(default_factory=list, repr=False, compare=False)
 
     # ---- reading -----------------------------------------------------------------
     @staticmethod
@@ -135,44 +180,54 @@ class MergeConfig:
     def from_dict(data: Any, where: str = "") -> "MergeConfig":
         if not isinstance(data, dict):
             raise MergeError(f"the config{where} must be a mapping, got {type(data).__name__}")
-        unknown = [k for k in data if k not in TOP_LEVEL_KEYS]
-        for key in unknown:
-            if key == "modules":
-                raise MergeError(f"'modules' configs{where} are not supported; use 'models' or 'slices'")
-            raise MergeError(f"unknown key '{key}'{where}{did_you_mean(key, TOP_LEVEL_KEYS)}")
+        if "modules" in data:
+            raise MergeError(f"'modules' configs{where} are not supported; use 'models' or 'slices'")
+        unknown = [str(k) for k in data if k not in TOP_LEVEL_KEYS]
+        has_models, has_slices = bool(data.get("models")), bool(data.get("slices"))
+        missing = ([] if "merge_method" in data else ["merge_method"]) + \
+                  (["models", "slices"] if has_models == has_slices else [])
+        for key in unknown:  # a misspelt required key: mergekit fails too, so name the spelling
+            hint = did_you_mean(key, missing)
+            if hint:
+                raise MergeError(f"unknown key '{key}'{where}{hint}")
         if "merge_method" not in data:
             raise MergeError(f"the config{where} has no merge_method")
         method = data["merge_method"]
         if not isinstance(method, str):
             raise MergeError(f"merge_method{where} must be a name, got {method!r}")
-        has_models, has_slices = bool(data.get("models")), bool(data.get("slices"))
         if has_models == has_slices:
             raise MergeError(f"the config{where} needs exactly one of 'models' or 'slices'")
+        declared = METHODS.get(method)
+        notes = [ignored_key(key, where, TOP_LEVEL_KEYS, method=declared, top_level=True) for key in unknown]
 
         models = slices = None
         if has_models:
             if not isinstance(data["models"], list):
                 raise MergeError(f"models{where} must be a list")
             check_limit("models", len(data["models"]), f"the recipe{where} lists {len(data['models'])} models")
-            models = [_input_model(entry, f"{where} (models[{i}])") for i, entry in enumerate(data["models"])]
+            models = [_input_model(entry, f"{where} (models[{i}])", f"models[{i}]", where, notes)
+                      for i, entry in enumerate(data["models"])]
         else:
             if not isinstance(data["slices"], list):
                 raise MergeError(f"slices{where} must be a list")
             check_limit("slices", len(data["slices"]), f"the recipe{where} has {len(data['slices'])} slices")
-            slices = [_output_slice(entry, f"{where} (slices[{i}])") for i, entry in enumerate(data["slices"])]
+            slices = [_output_slice(entry, f"{where} (slices[{i}])", f"slices[{i}]", where, notes)
+                      for i, entry in enumerate(data["slices"])]
 
         config = MergeConfig(
             merge_method=method,
             models=models,
             slices=slices,
-            base_model=model_name(data["base_model"], f" of base_model{where}") if data.get("base_model") else None,
+            base_model=(model_name(data["base_model"], f" of base_model{where}", notes)
+                        if data.get("base_model") else None),
             parameters=_parameter_dict(data.get("parameters"), where),
             dtype=_dtype(data.get("dtype"), "dtype", where),
             out_dtype=_dtype(data.get("out_dtype"), "out_dtype", where),
-            tokenizer_source=_tokenizer_source(data.get("tokenizer_source"), where),
-            tokenizer=data.get("tokenizer"),
+            tokenizer_source=_tokenizer_source(data.get("tokenizer_source"), where, notes),
+            tokenizer=_tokenizer(data.get("tokenizer"), where, notes),
             chat_template=data.get("chat_template"),
             name=_stage_name(data.get("name"), where),
+            notes=notes,
         )
         if config.tokenizer is not None and config.tokenizer_source is not None:
             raise MergeError(f"give either tokenizer_source or tokenizer{where}, not both")
@@ -189,17 +244,16 @@ class MergeConfig:
     def check(self, where: str = "") -> None:
         """Method, parameter names, types and ranges; structural rules of the method."""
         method = get_method(self.merge_method)
-        self.warnings = []
-        known_anywhere = {p.name for m in METHODS.values() for p in m.parameters}
-        for label, scope in self.parameter_scopes():
+        self.ignored = list(self.notes)
+        for label, scope, home in self._scopes_with_homes():
             for name, setting in scope.items():
                 parameter = method.parameter(name)
-                if parameter is None:
-                    if name in known_anywhere:
-                        self.warnings.append(f"{self.merge_method} ignores parameter '{name}'{label}")
-                        continue
-                    hint = did_you_mean(name, [p.name for p in method.parameters])
-                    raise MergeError(f"{self.merge_method} has no parameter '{name}'{label}{where}{hint}")
+                if parameter is None:  # mergekit's methods read only what they declare
+                    self.ignored.append(ignored_parameter(name, f"{label}{where}", method))
+                    continue
+                if home is not None and not parameter.per_model:
+                    self.ignored.append(misplaced_global(name, f"{label}{where}", method, f"{home}.{name}"))
+                    continue
                 for value in params_mod.leaf_values(setting):
                     if value is None:
                         continue
@@ -210,6 +264,7 @@ class MergeConfig:
                     for entry in entries:
                         if not isinstance(entry, dict) or "value" not in entry:
                             raise MergeError(f"each filtered entry of '{name}'{label}{where} needs a 'value'")
+        self.warnings = list(self.ignored)
         if self.slices:
             for index, output_slice in enumerate(self.slices):
                 self._check_inputs(method, [s.model for s in output_slice.sources],
@@ -237,6 +292,22 @@ class MergeConfig:
         if method.max_models is not None and count > method.max_models:
             exactly = "exactly" if method.max_models == method.min_models else "at most"
             raise MergeError(f"{method.name} takes {exactly} {method.max_models} {what}{where}, got {count}")
+
+    def _scopes_with_homes(self):
+        """(label, dict, home) for every parameters block; home is where a global parameter
+        found there belongs (None: it may stand there)."""
+        if self.parameters:
+            yield " in the top-level parameters", self.parameters, None
+        for model in self.models or []:
+            if model.parameters:
+                yield f" of model '{model.model}'", model.parameters, "parameters"
+        for index, output_slice in enumerate(self.slices or []):
+            if output_slice.parameters:
+                yield f" of slices[{index}]", output_slice.parameters, None
+            for source in output_slice.sources:
+                if source.parameters:
+                    yield (f" of slices[{index}] source '{source.model}'", source.parameters,
+                           f"slices[{index}].parameters")
 
     def parameter_scopes(self):
         """(label, dict) for every parameters block in the config."""
@@ -357,6 +428,10 @@ class MultiStageConfig:
     def warnings(self) -> list[str]:
         return [w for s in self.stages for w in s.warnings]
 
+    @property
+    def ignored(self) -> list[str]:
+        return [w for s in self.stages for w in s.ignored]
+
     def to_yaml(self) -> str:
         return "---\n".join(stage.to_yaml() for stage in self.stages)
 
@@ -372,6 +447,15 @@ def load_config(source: Union[str, os.PathLike, MergeConfig, "MultiStageConfig",
     if isinstance(source, dict):
         return MergeConfig.from_dict(source)
     return MergeConfig.from_yaml(source)
+
+
+def check_strict(config) -> None:
+    """Strict checking: a key mergekit ignores (see merging.recipe_keys) is an error, not a
+    warning. Raises a MergeError naming the first and counting the others."""
+    ignored = list(getattr(config, "ignored", None) or [])
+    if ignored:
+        more = f" (and {len(ignored) - 1} more such keys)" if len(ignored) > 1 else ""
+        raise MergeError(f"{ignored[0]}{more}; strict checking refuses keys that have no effect")
 
 
 def recipe_from_text(text: str):
@@ -421,28 +505,30 @@ def _drop_none(data: dict) -> dict:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def _input_model(entry: Any, where: str) -> InputModel:
+def _input_model(entry: Any, where: str, path: str, document: str, notes: list) -> InputModel:
     if isinstance(entry, str):
-        return InputModel(entry.strip())
+        return InputModel(model_name(entry, where, notes))
     if not isinstance(entry, dict) or "model" not in entry:
         raise MergeError(f"each entry of models{where} needs a 'model'")
-    extra = set(entry) - {"model", "parameters"}
-    if extra:
-        raise MergeError(f"unknown key '{sorted(extra)[0]}' in models entry{where}")
-    return InputModel(model_name(entry["model"], where), _parameter_dict(entry.get("parameters"), where))
+    _note_ignored(entry, MODEL_ENTRY, f" in {path}{document}", notes, entry=path)
+    return InputModel(model_name(entry["model"], where, notes), _parameter_dict(entry.get("parameters"), where))
 
 
-def _output_slice(entry: Any, where: str) -> OutputSlice:
+def _output_slice(entry: Any, where: str, path: str, document: str, notes: list) -> OutputSlice:
     if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
         raise MergeError(f"each slice{where} needs a non-empty 'sources' list")
-    extra = set(entry) - {"sources", "base_model", "parameters", "residual_weight"}
-    if extra:
-        raise MergeError(f"unknown key '{sorted(extra)[0]}' in slice{where}")
+    if entry.get("residual_weight") is not None:  # declared by mergekit's schema, never read
+        notes.append(f"key 'residual_weight' in {path}{document} has no effect (mergekit accepts it but "
+                     "never uses it)")
+    _note_ignored({k: v for k, v in entry.items() if k != "residual_weight"}, SLICE, f" in {path}{document}",
+                  notes, entry=path)
     sources = []
     for index, source in enumerate(entry["sources"]):
         label = f"{where} source {index}"
         if not isinstance(source, dict) or "model" not in source:
             raise MergeError(f"each source{label} needs a 'model'")
+        _note_ignored(source, SOURCE, f" in {path}.sources[{index}]{document}", notes,
+                      entry=f"{path}.sources[{index}]")
         layer_range = source.get("layer_range")
         if (not isinstance(layer_range, (list, tuple)) or len(layer_range) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)):
@@ -450,13 +536,13 @@ def _output_slice(entry: Any, where: str) -> OutputSlice:
         start, end = layer_range
         if start < 0 or end <= start:
             raise MergeError(f"layer_range{label} must satisfy 0 <= start < end, got [{start}, {end}]")
-        sources.append(SliceSource(model_name(source["model"], label), (start, end),
+        sources.append(SliceSource(model_name(source["model"], label, notes), (start, end),
                                    _parameter_dict(source.get("parameters"), label)))
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
     if len(lengths) > 1:
         raise MergeError(f"all sources of a slice must span the same number of layers{where}, "
                          f"got {sorted(lengths)}")
-    base = model_name(entry["base_model"], where) if entry.get("base_model") else None
+    base = model_name(entry["base_model"], where, notes) if entry.get("base_model") else None
     return OutputSlice(sources, base, _parameter_dict(entry.get("parameters"), where))
 
 
@@ -491,7 +577,21 @@ def _dtype(value: Any, key: str, where: str) -> Optional[str]:
     return name
 
 
-def _tokenizer_source(value: Any, where: str) -> Optional[str]:
+def _tokenizer_source(value: Any, where: str, notes: Optional[list] = None) -> Optional[str]:
     if value is None:
         return None
-    return model_name(value, f" of tokenizer_source{where}")
+    return model_name(value, f" of tokenizer_source{where}", notes)
+
+
+def _tokenizer(value: Any, where: str, notes: list) -> Optional[dict]:
+    """mergekit's `tokenizer:` block: source (union when not given, as mergekit reads it),
+    tokens, pad_to_multiple_of; other keys are ignored there, and dropped here with a warning."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise MergeError(f"tokenizer{where} must be a mapping (source, tokens, pad_to_multiple_of), "
+                         f"got {value!r}")
+    _note_ignored(value, TOKENIZER, f" in tokenizer{where}", notes)
+    source = value.get("source", "union")
+    source = source if source in ("union", "base") else model_name(source, f" of tokenizer.source{where}", notes)
+    return {"source": source, **{k: v for k, v in value.items() if k in TOKENIZER and k != "source"}}

@@ -76,8 +76,6 @@ BAD_CONFIGS = {
                        "parameters: {{t: [0, 1.5]}}\n", "t=1.5 in the top-level parameters is above its maximum 1"),
     "della epsilon": ("models:\n  - model: {c1}\n    parameters: {{weight: 1, density: 0.9, epsilon: 0.2}}\n"
                       "merge_method: della\nbase_model: {base}\n", "della needs 0 < density-epsilon"),
-    "typo in parameter": ("models:\n  - model: {c1}\n    parameters: {{weight: 1, desnity: 0.5}}\n"
-                          "merge_method: ties\nbase_model: {base}\n", "did you mean 'density'"),
     "missing weight": ("models:\n  - model: {c1}\nmerge_method: ties\nbase_model: {base}\n",
                        "ties needs parameter 'weight' of model"),
     "layer range past the end": ("slices:\n  - sources:\n      - model: {c1}\n        layer_range: [0, 9]\n"
@@ -111,6 +109,19 @@ def test_bad_input_gets_one_line_and_no_output(case, tiny, tmp_path):
     assert message in lines[0]
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_misspelt_parameter_is_a_warning_and_an_error_with_strict(tiny, tmp_path):
+    """mergekit ignores a parameter its method does not take; so do we, saying so."""
+    text = ("models:\n  - model: {c1}\n    parameters: {{weight: 1, desnity: 0.5}}\n"
+            "merge_method: ties\nbase_model: {base}\n")
+    config = write_config(tmp_path, text, tiny)
+    result = run_cli(config, tmp_path / "out", "--dry-run")
+    assert result.returncode == 0 and "has no effect on ties (mergekit ignores it); did you mean 'density'?" \
+        in result.stderr, result.stderr
+    result = run_cli(config, tmp_path / "out", "--strict")
+    assert result.returncode == 2 and "did you mean 'density'" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_verbose_shows_the_traceback(tiny, tmp_path):

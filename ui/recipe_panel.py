@@ -11,7 +11,7 @@ from typing import Optional
 import gradio as gr
 
 from merging import plan_stages
-from merging.config import recipe_from_text
+from merging.config import check_strict, recipe_from_text
 
 from .common import handler
 
@@ -53,10 +53,14 @@ def default_recipe(family: Optional[dict]) -> str:
 
 
 @handler
-def check_recipe(yaml_text: str, request: gr.Request = None) -> str:
+def check_recipe(yaml_text: str, strict: bool = False, request: gr.Request = None) -> str:
     """The merge plan for a recipe, or a readable error (never a traceback). On a public
-    deployment the models' access is the visitor's own (see merging.access)."""
-    plans = plan_stages(recipe_from_text(yaml_text or ""))
+    deployment the models' access is the visitor's own (see merging.access). `strict`: a
+    key that has no effect (mergekit ignores it) is an error, as with the CLI's --strict."""
+    config = recipe_from_text(yaml_text or "")
+    if strict:
+        check_strict(config)
+    plans = plan_stages(config)
     parts = []
     for plan in plans:
         title = f"### Stage {plan.config.name}\n" if len(plans) > 1 else ""
@@ -66,6 +70,8 @@ def check_recipe(yaml_text: str, request: gr.Request = None) -> str:
 
 def build_recipe_panel(family: Optional[dict] = None) -> None:
     recipe = gr.Code(default_recipe(family), language="yaml", label="Recipe (mergekit YAML)")
-    check = gr.Button("Check recipe", variant="primary")
+    with gr.Row():
+        check = gr.Button("Check recipe", variant="primary")
+        strict = gr.Checkbox(False, label="strict: keys that have no effect (mergekit ignores them) are errors")
     plan = gr.Markdown()
-    check.click(check_recipe, inputs=recipe, outputs=plan, api_name="check_recipe")
+    check.click(check_recipe, inputs=[recipe, strict], outputs=plan, api_name="check_recipe")
