@@ -40,17 +40,51 @@ def fetch_weights(plan: MergePlan) -> None:
 def plan_stages(config) -> list[MergePlan]:
     """Plans for every stage, in the order they run, checked against the models' headers
     (no weights are downloaded); later stages are checked against what earlier stages
-    will write, so a whole multi-stage file fails before any work."""
+    will write (config and tensors), so a whole multi-stage file fails before any work.
+
+    What an earlier stage's output holds beyond those (its tokenizer) exists only once it is
+    written: a stage whose vocabulary is the union over an earlier stage's tokenizer is
+    checked here without it (a warning says so), and every stage that reads an earlier one
+    is planned again once that one is written (`replan`)."""
     config = load_config(config)
     stages = config.order() if isinstance(config, MultiStageConfig) else [config]
     outputs: dict[str, Checkpoint] = {}
     plans = []
     for stage in stages:
-        plan = plan_merge(stage, open_checkpoints(stage, outputs))
+        checkpoints = open_checkpoints(stage, outputs)
+        waits_for = [name for name in stage.referenced_models() if name in outputs]
+        if waits_for and _tokenizer_source(stage) == "union":
+            plan = plan_merge(_without_tokenizer(stage), checkpoints)
+            plan.config = stage
+            # what the variant said about vocabularies holds no more once the tokenizer exists
+            plan.warnings = [w for w in plan.warnings if not w.startswith(("vocabulary", "vocabularies"))]
+            plan.warnings.append(f"tokenizer_source union over stage {', '.join(map(repr, waits_for))}: the "
+                                 "vocabulary (and so the embedding rows) is planned once that stage is written")
+        else:
+            plan = plan_merge(stage, checkpoints)
         if stage.name:
             outputs[stage.name] = plan.as_checkpoint(stage.name)
         plans.append(plan)
     return plans
+
+
+def replan(plan: MergePlan, written: dict[str, Checkpoint]) -> MergePlan:
+    """The plan of a stage made again against the folders earlier stages wrote (their
+    tokenizers included), or the plan itself when it reads no earlier stage."""
+    if not any(name in written for name in plan.config.referenced_models()):
+        return plan
+    return plan_merge(plan.config, open_checkpoints(plan.config, written))
+
+
+def _tokenizer_source(config: MergeConfig) -> Optional[str]:
+    return (config.tokenizer or {}).get("source") or config.tokenizer_source
+
+
+def _without_tokenizer(config: MergeConfig) -> MergeConfig:
+    """The stage as planned before an earlier stage's tokenizer exists: every other check."""
+    import dataclasses
+
+    return dataclasses.replace(config, tokenizer_source=None, tokenizer=None)  # notes and warnings kept
 
 
 def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Optional[Progress] = None,
@@ -83,9 +117,8 @@ def merge(config, out_dir: Union[str, Path], device: str = "auto", progress: Opt
             work = Path(intermediate_dir) if keep else make_sibling_folder(out_dir, "stages")
             work.mkdir(parents=True, exist_ok=True)
             written = write_earlier_stages(plans, work, device, progress, seed, out_shard_size)
-            final = plans[-1]
-            final.checkpoints.update({name: written[name] for name in final.checkpoints if name in written})
-            write_merge(final, out_dir, device, progress, seed, out_shard_size, overwrite, card_extra)
+            write_merge(replan(plans[-1], written), out_dir, device, progress, seed, out_shard_size, overwrite,
+                        card_extra)
             return out_dir
         finally:
             if not keep:  # by pattern: an interruption may come before `work` is assigned
@@ -99,8 +132,7 @@ def write_earlier_stages(plans: list[MergePlan], work: Path, device: str = "auto
     here; returns the written checkpoints by stage name."""
     written: dict[str, Checkpoint] = {}
     for index, plan in enumerate(plans[:-1]):
-        # swap the planned stand-ins for the folders the earlier stages wrote
-        plan.checkpoints.update({name: written[name] for name in plan.checkpoints if name in written})
+        plan = replan(plan, written)  # against the folders the earlier stages wrote, not stand-ins
         target = work / stage_folder_name(index, plan.config.name)
         # an intermediate folder left by an earlier run is stale: replace it
         write_merge(plan, target, device, progress, seed, out_shard_size, overwrite=True)

@@ -33,6 +33,18 @@ def run_mergekit(config_text: str, out_dir: Path) -> Path:
     return out_dir
 
 
+def run_mergekit_multi(config_text: str, out_dir: Path, work: Path) -> Path:
+    """mergekit-multi (mergekit/scripts/multimerge.py) in this process: the stages go to
+    `work`, the unnamed final stage to `out_dir` (a named one stays in `work`/name)."""
+    from mergekit.scripts.multimerge import main
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "multi.yml").write_text(config_text)
+    main.main([str(work / "multi.yml"), "--intermediate-dir", str(work), "--out-path", str(out_dir), "--quiet",
+               "--device", "cpu"], standalone_mode=False)
+    return out_dir
+
+
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
