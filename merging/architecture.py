@@ -82,6 +82,11 @@ class LayerName:
     prefix: str
     index: int
     rest: str
+    module_rest: str  # the rest of the module name it loads into (the same across layouts)
+
+
+class UnknownArchitecture(MergeError):
+    """transformers has no class for the model type (remote code, or a newer transformers)."""
 
 
 # ---------------------------------------------------------------------------------
@@ -163,9 +168,8 @@ def _meta_model(config: dict, reference: str):
     try:
         config_class = AutoConfig.for_model(model_type).__class__
     except (ValueError, KeyError):
-        raise MergeError(f"{where} is a '{model_type}' model, which transformers {transformers.__version__} does "
-                         "not know (it may need trust_remote_code): its layers cannot be read from its "
-                         "structure") from None
+        raise UnknownArchitecture(f"{where} is a '{model_type}' model, which transformers {transformers.__version__} "
+                                  "does not know (its own code needs trust_remote_code)") from None
     logger = logging.getLogger("transformers")
     level = logger.level
     try:
@@ -292,13 +296,17 @@ class Layout:
         self.layers: dict[str, LayerName] = {}
         self.by_layer: dict[tuple[str, int], list[str]] = {}
         self.module_names: dict[str, str] = {}
+        self.by_module: dict[str, str] = {}  # module name -> stored name
+        self.by_module_rest: dict[tuple[str, int, str], str] = {}
         for name in names:
             module = structure.module_name(name)
             self.module_names[name] = module
+            self.by_module.setdefault(module, name)
             parts = _stack_position(structure, name, module)
             if parts is not None:
                 self.layers[name] = parts
                 self.by_layer.setdefault((parts.stack.role, parts.index), []).append(name)
+                self.by_module_rest.setdefault((parts.stack.role, parts.index, parts.module_rest), name)
 
     # ---- stacks -----------------------------------------------------------------
     @property
@@ -323,6 +331,24 @@ class Layout:
 
     def split(self, name: str) -> Optional[LayerName]:
         return self.layers.get(name)
+
+    def counterpart(self, name: str, other: "Layout", index: Optional[int] = None) -> Optional[str]:
+        """The name `other` stores for what `name` is here (at layer `index` when given):
+        the same module, whatever each checkpoint's naming."""
+        parts = other.layers.get(name)
+        module = other.module_names.get(name, name)
+        if parts is not None:
+            wanted = parts.index if index is None else index
+            return self.by_module_rest.get((parts.stack.role, wanted, parts.module_rest))
+        return self.by_module.get(module)
+
+    def vocabulary_rows(self, tensors) -> Optional[int]:
+        """Rows of the input embedding (one per token), else the config's vocab_size."""
+        for name, info in tensors.items():
+            if self.is_input_embedding(name) and info.shape:
+                return info.shape[0]
+        scope = config_value(self.config, self.text.depth_key[:-1]) if len(self.text.depth_key) > 1 else self.config
+        return scope.get("vocab_size") if isinstance(scope, dict) else None
 
     def stack_of(self, name: str) -> Optional[Stack]:
         """The stack whose submodule holds `name` (its blocks, or its embeddings and norms
@@ -401,7 +427,7 @@ def _stack_position(structure: Structure, stored: str, module: str) -> Optional[
         head = stack.module + "."
         if not module.startswith(head):
             continue
-        index_text, _, _ = module[len(head):].partition(".")
+        index_text, _, module_rest = module[len(head):].partition(".")
         if not index_text.isdigit():
             continue
         # find the same index in the stored name, after the stack's own last path part
@@ -410,7 +436,7 @@ def _stack_position(structure: Structure, stored: str, module: str) -> Optional[
         for position in range(1, len(parts) - 1):
             if parts[position] == index_text and parts[position - 1] == last:
                 return LayerName(stack, ".".join(parts[:position]) + ".", int(index_text),
-                                 ".".join(parts[position + 1:]))
+                                 ".".join(parts[position + 1:]), module_rest)
     return None
 
 
@@ -434,10 +460,38 @@ def layout_of(checkpoint) -> Layout:
     """The layout of a checkpoint's tensors (cached on the checkpoint)."""
     layout = getattr(checkpoint, "_layout", None)
     if layout is None:
-        structure = structure_of(checkpoint.config, checkpoint.reference)
-        layout = Layout(structure, list(checkpoint.tensors), checkpoint.config)
+        names = list(checkpoint.tensors)
+        try:
+            structure = structure_of(checkpoint.config, checkpoint.reference)
+        except UnknownArchitecture as unknown:
+            structure = structure_from_names(checkpoint.config, names, unknown)
+        layout = Layout(structure, names, checkpoint.config)
         checkpoint._layout = layout
     return layout
+
+
+def structure_from_names(config: dict, names: list[str], unknown: UnknownArchitecture) -> Structure:
+    """For an architecture transformers lacks (its own code, not run here): the decoder-only
+    convention mergekit also falls back to, one stack `<prefix>.layers|h|blocks.<i>.` whose
+    depth a top-level key holds. Anything else is refused with the reason."""
+    prefixes: dict[str, set[int]] = {}
+    for name in names:
+        match = LAYER_NAME.match(name)
+        if match:
+            prefixes.setdefault(match["prefix"], set()).add(int(match["index"]))
+    depth_key = next((k for k in LAYER_COUNT_KEYS if type(config.get(k)) is int), None)
+    if len(prefixes) != 1 or depth_key is None or \
+            max(next(iter(prefixes.values()))) + 1 != config[depth_key]:
+        raise MergeError(f"{unknown}, and its tensor names do not show one stack of "
+                         f"{config.get(depth_key, '?')} layers") from None
+    module = next(iter(prefixes))[:-1]
+    embeddings = tuple(n for n in names if LAYER_NAME.match(n) is None and
+                       n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")))
+    head = next((n for n in ("lm_head.weight", "embed_out.weight") if n in names), "lm_head.weight")
+    order = tuple(embeddings) + (module + ".0",)
+    return Structure(str((config.get("architectures") or [config.get("model_type")])[0]),
+                     (Stack(TEXT_ROLE, module, module.rsplit(".", 1)[0] if "." in module else "", (depth_key,)),),
+                     embeddings, head, order, None)
 
 
 # ---------------------------------------------------------------------------------

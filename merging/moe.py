@@ -23,7 +23,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from . import folder as folder_files
-from .architecture import split_layer_name
+from .architecture import Layout, structure_of
 from .config import load_config
 from .engine import resolve_device
 from .errors import MergeError
@@ -144,10 +144,11 @@ def plan_moe(config, checkpoints: Optional[dict[str, Checkpoint]] = None,
     expected = _mixtral_shapes(out_config)
     tensors: list[MoETensor] = []
     layer_prefix = "model.layers."
+    layout = base.layout
     for name, info in base.tensors.items():
-        parts = split_layer_name(name)
-        if parts and parts[2].startswith("mlp."):
-            layer_prefix = parts[0]
+        parts = layout.split(name)
+        if parts and parts.rest.startswith("mlp."):
+            layer_prefix = parts.prefix
             continue
         if name.endswith("rotary_emb.inv_freq"):
             continue  # a buffer some old checkpoints saved; recomputed from the config
@@ -225,19 +226,21 @@ def _mixtral_shapes(out_config: dict) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = MixtralForCausalLM(MixtralConfig(**out_config))
     shapes = {}
-    for name, tensor in model.state_dict().items():
-        parts = split_layer_name(name)
-        if parts and parts[2] == "mlp.experts.gate_up_proj":
+    state = model.state_dict()
+    layout = Layout(structure_of(out_config), list(state), out_config)
+    for name, tensor in state.items():
+        parts = layout.split(name)
+        layer = f"{parts.prefix}{parts.index}" if parts else ""
+        if parts and parts.rest == "mlp.experts.gate_up_proj":
             experts, double, hidden = tensor.shape
             for expert in range(experts):
                 for short in ("w1", "w3"):
-                    shapes[f"{parts[0]}{parts[1]}.block_sparse_moe.experts.{expert}.{short}.weight"] = \
-                        (double // 2, hidden)
-        elif parts and parts[2] == "mlp.experts.down_proj":
+                    shapes[f"{layer}.block_sparse_moe.experts.{expert}.{short}.weight"] = (double // 2, hidden)
+        elif parts and parts.rest == "mlp.experts.down_proj":
             for expert in range(tensor.shape[0]):
-                shapes[f"{parts[0]}{parts[1]}.block_sparse_moe.experts.{expert}.w2.weight"] = tuple(tensor.shape[1:])
-        elif parts and parts[2] == "mlp.gate.weight":
-            shapes[f"{parts[0]}{parts[1]}.block_sparse_moe.gate.weight"] = tuple(tensor.shape)
+                shapes[f"{layer}.block_sparse_moe.experts.{expert}.w2.weight"] = tuple(tensor.shape[1:])
+        elif parts and parts.rest == "mlp.gate.weight":
+            shapes[f"{layer}.block_sparse_moe.gate.weight"] = tuple(tensor.shape)
         else:
             shapes[name] = tuple(tensor.shape)
     return shapes

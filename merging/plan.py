@@ -9,6 +9,7 @@ tensor gets, so the engine only reads, computes and writes.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,6 +50,7 @@ class TensorTask:
     position: float = 0.0  # gradient position p in [0, 1]
     vocab_rows: Optional[int] = None  # cut or pad rows to this many (vocabulary tensors)
     filler_index: Optional[int] = None  # input whose rows fill missing vocabulary rows
+    stack: Optional[str] = None  # the tower of a block outside the text decoder ('vision_tower')
 
     @property
     def nbytes(self) -> int:
@@ -169,7 +171,11 @@ def format_bytes(count: int) -> str:
 
 # ---------------------------------------------------------------------------------
 def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> MergePlan:
-    """Check `config` against the opened models and list every output tensor's task."""
+    """Check `config` against the opened models and list every output tensor's task.
+
+    Slices cut and stack the text decoder's layers; a model's other stacks (a vision
+    tower) are merged whole from the first slice's models, each over its own depth, so
+    a gradient runs from the first to the last block of every stack."""
     method = config.method
     warnings = list(config.warnings)
     for name in config.referenced_models():
@@ -193,58 +199,93 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
     out_dtype_name = config.out_dtype or config.dtype
     donor = _tokenizer_donor(config, slices)
     checkpoints, alignment = _align_vocabularies(config, checkpoints, donor, warnings)
-    vocab_rows = None if alignment else _vocabulary_rows(config, checkpoints, slices, donor, warnings)
-    builder = _TaskBuilder(config, method, checkpoints, out_dtype_name, vocab_rows, donor)
+    layouts = {name: arch.layout_of(checkpoints[name]) for name in config.referenced_models()}
+    vocab_rows = None if alignment else _vocabulary_rows(config, checkpoints, layouts, donor, warnings)
+    builder = _TaskBuilder(config, method, checkpoints, layouts, out_dtype_name, vocab_rows, donor)
+    layout = layouts[reference_name]
+    text = layout.text
 
     first, last = slices[0], slices[-1]
-    outside_first = _outside_names(first, checkpoints)
-    outside_last = _outside_names(last, checkpoints)
+    outside_first = _outside_names(first, checkpoints, layouts)
+    outside_last = _outside_names(last, checkpoints, layouts)
     for name in outside_first:
-        if arch.is_before_layers(name):
+        if layouts[first.sources[0].model].comes_before(name):
             builder.add(name, first, [name] * len(first.sources), layer=None, position=0.0)
 
     out_layer = 0
+    origins: list[tuple[str, int]] = []  # (model, input layer) of every output layer
     for output_slice in slices:
         length = output_slice.sources[0].layer_range[1] - output_slice.sources[0].layer_range[0]
         lead = output_slice.sources[0]
-        lead_checkpoint = checkpoints[lead.model]
         for offset in range(length):
             position = offset / (length - 1) if length > 1 else 1.0
-            in_layer = lead.layer_range[0] + offset
-            layer_names = lead_checkpoint.layer_tensors(in_layer)
-            if not layer_names:
-                raise MergeError(f"model '{lead.model}' has no tensors for layer {in_layer}")
-            for lead_name in layer_names:
-                prefix, _, rest = arch.split_layer_name(lead_name)
-                input_names = [arch.layer_tensor_name(prefix, s.layer_range[0] + offset, rest)
-                               for s in output_slice.sources]
-                builder.add(arch.layer_tensor_name(prefix, out_layer, rest), output_slice, input_names,
-                            layer=out_layer, position=position)
+            builder.add_layer(output_slice, text, [s.layer_range[0] + offset for s in output_slice.sources],
+                              out_layer, position)
+            origins.append((lead.model, lead.layer_range[0] + offset))
             out_layer += 1
 
+    for stack in layout.stacks[1:]:  # the other towers, whole, each with its own positions
+        depth = _common_depth(first, stack, layouts)
+        for index in range(depth):
+            position = index / (depth - 1) if depth > 1 else 1.0
+            builder.add_layer(first, stack, [index] * len(first.sources), index, position, text_layer=False)
+
     for name in outside_last:
-        if not arch.is_before_layers(name):
+        if not layouts[last.sources[0].model].comes_before(name):
             builder.add(name, last, [name] * len(last.sources), layer=None, position=0.0)
 
-    out_config = dict(reference.config)
-    for key in arch.LAYER_COUNT_KEYS:
-        if key in out_config:
-            out_config[key] = out_layer
-            break
-    else:
-        out_config["num_hidden_layers"] = out_layer
+    out_config = output_config(reference.config, layout, origins, {m: c.config for m, c in checkpoints.items()})
     if out_dtype_name:
         out_config.pop("torch_dtype", None)
         out_config["dtype"] = out_dtype_name
-    if vocab_rows is not None and "vocab_size" in out_config:
-        out_config["vocab_size"] = vocab_rows
-    if alignment is not None:
-        out_config["vocab_size"] = alignment.rows
-    for kind in ("max_window_layers",):  # Qwen2 counts sliding-window layers from the bottom
-        if isinstance(out_config.get(kind), int) and out_config[kind] > out_layer:
-            out_config[kind] = out_layer
+    rows = alignment.rows if alignment is not None else vocab_rows
+    if rows is not None:
+        scope = out_config.get("text_config") if "vocab_size" not in out_config else out_config
+        if isinstance(scope, dict):
+            scope["vocab_size"] = rows
     return MergePlan(config, method, checkpoints, builder.tasks, out_config, out_layer, donor,
                      warnings + builder.warnings, vocabulary=alignment)
+
+
+def output_config(reference_config: dict, layout: "arch.Layout", origins: list[tuple[str, int]],
+                  configs: dict[str, dict]) -> dict:
+    """The base's config.json made to describe the output's text layers: the depth key
+    (nested in text_config for multimodal models) and every per-layer list, entry j taken
+    from the model and layer output layer j came from (a frankenmerge's layer_types
+    follow its layers, not the base's first n)."""
+    out_config = json.loads(json.dumps(reference_config))
+    text = layout.text
+    depth = len(origins)
+    arch.set_config_value(out_config, text.depth_key, depth)
+    for key in text.per_layer_keys:
+        values = []
+        for model, index in origins:
+            source = arch.config_value(configs.get(model, reference_config), key)
+            if not isinstance(source, list) or index >= len(source):
+                source = arch.config_value(reference_config, key)
+            values.append(source[min(index, len(source) - 1)])
+        arch.set_config_value(out_config, key, values)
+    scope = arch.config_value(out_config, text.depth_key[:-1]) if len(text.depth_key) > 1 else out_config
+    if isinstance(scope, dict):
+        # Qwen2 counts sliding-window layers from the bottom; it cannot exceed the depth
+        if isinstance(scope.get("max_window_layers"), int) and scope["max_window_layers"] > depth:
+            scope["max_window_layers"] = depth
+        for key in arch.INDEX_LIST_KEYS:  # lists of layer numbers, renumbered
+            if isinstance(scope.get(key), list):
+                base_scope = arch.config_value(reference_config, text.depth_key[:-1]) if len(text.depth_key) > 1 \
+                    else reference_config
+                chosen = set(base_scope.get(key) or [])
+                scope[key] = [j for j, (_, index) in enumerate(origins) if index in chosen]
+    return out_config
+
+
+def _common_depth(output_slice: OutputSlice, stack: "arch.Stack", layouts) -> int:
+    depths = {s.model: layouts[s.model].depth(stack) for s in output_slice.sources}
+    if len(set(depths.values())) > 1:
+        described = ", ".join(f"'{m}' {d}" for m, d in depths.items())
+        raise MergeError(f"the {stack.role} stacks differ in depth ({described}); they can only be merged "
+                         "layer by layer")
+    return next(iter(depths.values()))
 
 
 def normalized_slices(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> list[OutputSlice]:
@@ -286,13 +327,16 @@ def _check_compatible(config: MergeConfig, checkpoints: dict[str, Checkpoint], r
             warnings.append(f"model '{name}' is a {other.get('model_type')} model, {role} is a {kind} model")
 
 
-def _outside_names(output_slice: OutputSlice, checkpoints: dict[str, Checkpoint]) -> list[str]:
-    """Tensors outside the layer stack present in any of the slice's sources, first seen first."""
+def _outside_names(output_slice: OutputSlice, checkpoints: dict[str, Checkpoint], layouts) -> list[str]:
+    """Tensors outside every stack's blocks, as the slice's first model names them (then
+    those only later models have), first seen first."""
+    lead = layouts[output_slice.sources[0].model]
     names: dict[str, None] = {}
     for source in output_slice.sources:
+        layout = layouts[source.model]
         for name in checkpoints[source.model].tensors:
-            if arch.split_layer_name(name) is None:
-                names.setdefault(name, None)
+            if layout.split(name) is None:
+                names.setdefault(lead.counterpart(name, layout) or name, None)
     return list(names)
 
 
@@ -336,10 +380,11 @@ def _tokenizer_donor(config: MergeConfig, slices: list[OutputSlice]) -> Optional
     return source
 
 
-def _vocabulary_rows(config: MergeConfig, checkpoints: dict[str, Checkpoint], slices,
+def _vocabulary_rows(config: MergeConfig, checkpoints: dict[str, Checkpoint], layouts,
                      donor: str, warnings: list[str]) -> Optional[int]:
     """Rows every vocabulary tensor is cut (or padded) to, when the models disagree."""
-    sizes = {name: arch.vocabulary_size(checkpoints[name]) for name in config.referenced_models()}
+    sizes = {name: layouts[name].vocabulary_rows(checkpoints[name].tensors)
+             for name in config.referenced_models()}
     if len({s for s in sizes.values() if s is not None}) <= 1:
         return None
     target = sizes[donor]
@@ -351,34 +396,58 @@ def _vocabulary_rows(config: MergeConfig, checkpoints: dict[str, Checkpoint], sl
 
 
 class _TaskBuilder:
-    def __init__(self, config: MergeConfig, method: Method, checkpoints, out_dtype_name, vocab_rows, donor):
+    def __init__(self, config: MergeConfig, method: Method, checkpoints, layouts, out_dtype_name, vocab_rows,
+                 donor):
         self.config = config
         self.method = method
         self.checkpoints = checkpoints
+        self.layouts = layouts
         self.out_dtype = TORCH_DTYPES[out_dtype_name] if out_dtype_name else None
         self.vocab_rows = vocab_rows
         self.donor = donor
         self.tasks: list[TensorTask] = []
         self.warnings: list[str] = []
 
+    def add_layer(self, output_slice: OutputSlice, stack: "arch.Stack", in_layers: list[int], out_layer: int,
+                  position: float, text_layer: bool = True) -> None:
+        """Every tensor of one output block: the lead model's block `in_layers[0]` names the
+        tensors; each source gives its own name for the same module at its own layer."""
+        sources = output_slice.sources
+        lead = self.layouts[sources[0].model]
+        lead_names = lead.layer_tensors(in_layers[0], stack)
+        if not lead_names:
+            raise MergeError(f"model '{sources[0].model}' has no tensors for {stack.role} layer {in_layers[0]}")
+        for lead_name in lead_names:
+            parts = lead.split(lead_name)
+            input_names = [lead_name] + [
+                self.layouts[source.model].counterpart(lead_name, lead, index)
+                or arch.layer_tensor_name(parts.prefix, index, parts.rest)
+                for source, index in zip(sources[1:], in_layers[1:])]
+            self.add(arch.layer_tensor_name(parts.prefix, out_layer, parts.rest), output_slice, input_names,
+                     layer=out_layer if text_layer else None, position=position,
+                     stack=None if text_layer else stack.role)
+
     def add(self, out_name: str, output_slice: OutputSlice, input_names: list[str],
-            layer: Optional[int], position: float) -> None:
+            layer: Optional[int], position: float, stack: Optional[str] = None) -> None:
         sources = output_slice.sources
         models = [s.model for s in sources]
+        lead = self.layouts[models[0]]
         resolved_names = []
         for model, name in zip(models, input_names):
             checkpoint = self.checkpoints[model]
             if not checkpoint.has(name):
-                alternative = arch.tied_alternative(name, checkpoint.tensors)
-                if alternative is None:
+                layout = self.layouts[model]
+                alternative = layout.counterpart(name, lead) or layout.tied_head_source(name)
+                if alternative is None or not checkpoint.has(alternative):
                     raise MergeError(f"model '{model}' has no tensor '{name}'")
                 name = alternative
             resolved_names.append(name)
         infos = [self.checkpoints[m].tensors[n] for m, n in zip(models, resolved_names)]
+        match_names = lead.match_names(input_names[0])
 
         vocab_rows = filler = None
         shapes = [info.shape for info in infos]
-        if arch.is_vocabulary_tensor(out_name) and self.vocab_rows is not None:
+        if lead.is_vocabulary(input_names[0]) and self.vocab_rows is not None:
             vocab_rows = self.vocab_rows
             shapes = [(vocab_rows,) + s[1:] for s in shapes]
             filler = self._filler_index(models, infos, vocab_rows)
@@ -391,9 +460,10 @@ class _TaskBuilder:
         base_index = None
         if self.method.base != BASE_IGNORED and base in models:
             base_index = models.index(base)
-        params = self._global_params(out_name, output_slice, position)
+        # filters see the output name and each input's own, plus the module each loads into
+        params = self._global_params((out_name,) + match_names[1:], output_slice, position)
         model_params = [
-            self._model_params(model, input_name, output_slice, position)
+            self._model_params(model, self.layouts[model].match_names(input_name), output_slice, position)
             for index, (model, input_name) in enumerate(zip(models, resolved_names))
             if index != base_index
         ]
@@ -404,7 +474,7 @@ class _TaskBuilder:
             out_dtype = infos[0].dtype
         self.tasks.append(TensorTask(out_name, list(zip(models, resolved_names)), base_index, params,
                                      model_params, shapes[0], out_dtype, layer, position, vocab_rows,
-                                     filler))
+                                     filler, stack))
 
     def _filler_index(self, models, infos, rows) -> int:
         preferred = [self.donor, self.config.base_model] + models
@@ -413,21 +483,21 @@ class _TaskBuilder:
                 return models.index(name)
         raise MergeError(f"no input has the {rows} vocabulary rows that '{infos[0].name}' needs")
 
-    def _global_params(self, tensor_name: str, output_slice: OutputSlice, position: float) -> dict:
+    def _global_params(self, names: tuple[str, ...], output_slice: OutputSlice, position: float) -> dict:
         scopes = [output_slice.parameters, self.config.parameters]
         values = {}
         for parameter in self.method.global_parameters:
-            value = params_mod.resolve(parameter.name, scopes, tensor_name, position)
-            values[parameter.name] = self._finish(parameter, value, f" for {tensor_name}")
+            value = params_mod.resolve(parameter.name, scopes, names, position)
+            values[parameter.name] = self._finish(parameter, value, f" for {names[0]}")
         return values
 
-    def _model_params(self, model: str, tensor_name: str, output_slice: OutputSlice, position: float) -> dict:
+    def _model_params(self, model: str, names: tuple[str, ...], output_slice: OutputSlice, position: float) -> dict:
         own = [s.parameters for s in output_slice.sources if s.model == model]
         scopes = own + [output_slice.parameters, self.config.parameters]
         values = {}
         for parameter in self.method.model_parameters:
-            value = params_mod.resolve(parameter.name, scopes, tensor_name, position)
-            values[parameter.name] = self._finish(parameter, value, f" of model '{model}' for {tensor_name}")
+            value = params_mod.resolve(parameter.name, scopes, names, position)
+            values[parameter.name] = self._finish(parameter, value, f" of model '{model}' for {names[0]}")
         return values
 
     def _finish(self, parameter, value, where: str):

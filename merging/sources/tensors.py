@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..architecture import layer_count, split_layer_name
+from ..architecture import Layout, layout_of
 from ..errors import MergeError
 
 SAFETENSORS_DTYPES = {
@@ -149,7 +149,6 @@ class Checkpoint:
         self.config = config
         self.tensors = tensors
         self._maps: dict[Path, mmap.mmap] = {}
-        self._layers: Optional[dict[int, list[str]]] = None
         self._files: dict[Path, object] = {}
         self.warnings: list[str] = []  # what a merge of this model should say (quantization, ...)
 
@@ -220,18 +219,18 @@ class Checkpoint:
 
     # ---- facts --------------------------------------------------------------------
     @property
+    def layout(self) -> Layout:
+        """What its tensors are: stacks, embeddings, head (merging.architecture)."""
+        return layout_of(self)
+
+    @property
     def num_layers(self) -> int:
-        return layer_count(self)
+        """Layers of the text decoder."""
+        return self.layout.depth()
 
     def layer_tensors(self, index: int) -> list[str]:
-        """Names of layer `index`'s tensors, in stored order (grouped once, then looked up)."""
-        if self._layers is None:
-            self._layers = {}
-            for name in self.tensors:
-                parts = split_layer_name(name)
-                if parts is not None:
-                    self._layers.setdefault(parts[1], []).append(name)
-        return self._layers.get(index, [])
+        """Names of text layer `index`'s tensors, in stored order."""
+        return self.layout.layer_tensors(index)
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.reference!r}, {len(self.tensors)} tensors)"

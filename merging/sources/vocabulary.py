@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 
-from ..architecture import is_vocabulary_tensor
 from ..errors import MergeError
 from .tensors import Checkpoint
 
@@ -95,9 +94,7 @@ def align_vocabularies(checkpoints: dict[str, Checkpoint], models: list[str], ba
                        union: bool) -> Optional[VocabularyAlignment]:
     """The alignment when the models' vocabularies differ (by token or by row count); None
     when they agree, or when a model has no tokenizer to match tokens by."""
-    from ..architecture import vocabulary_size
-
-    rows = {m: vocabulary_size(checkpoints[m]) for m in models}
+    rows = {m: checkpoints[m].layout.vocabulary_rows(checkpoints[m].tensors) for m in models}
     if len(set(rows.values())) == 1 and len({_tokenizer_fingerprint(checkpoints[m]) for m in models}) == 1:
         return None  # the same rows and the same tokenizer files: nothing to align (and no tokenizer loaded)
     vocabularies = {m: read_vocabulary(checkpoints[m]) for m in models}
@@ -152,7 +149,7 @@ class AlignedCheckpoint(Checkpoint):
                  others: dict[str, Checkpoint]):
         tensors = dict(inner.tensors)
         for name, info in inner.tensors.items():
-            if is_vocabulary_tensor(name) and info.shape:
+            if inner.layout.is_vocabulary(name) and info.shape:
                 tensors[name] = type(info)(name, info.dtype, (alignment.rows,) + tuple(info.shape[1:]), info.file,
                                            info.start, info.end)
         super().__init__(inner.reference, inner.folder, inner.config, tensors)
@@ -171,7 +168,7 @@ class AlignedCheckpoint(Checkpoint):
         return AlignedCheckpoint(inner, self.model, self.alignment, self.others)
 
     def read(self, name: str) -> torch.Tensor:
-        if not is_vocabulary_tensor(name) or name not in self.inner.tensors:
+        if not self.inner.layout.is_vocabulary(name) or name not in self.inner.tensors:
             return self.inner.read(name)
         own = self.inner.read(name)
         source = self.alignment.sources[self.model]
@@ -185,7 +182,7 @@ class AlignedCheckpoint(Checkpoint):
         return out
 
     def release(self, name: str, first_byte: int = 0, end_byte: Optional[int] = None) -> None:
-        if not is_vocabulary_tensor(name):
+        if not self.inner.layout.is_vocabulary(name):
             self.inner.release(name, first_byte, end_byte)
 
     def prefetch(self, name: str) -> None:
@@ -196,9 +193,7 @@ class AlignedCheckpoint(Checkpoint):
 
 
 def _tied(checkpoint: Checkpoint, name: str) -> str:
-    from ..architecture import tied_alternative
-
-    alternative = tied_alternative(name, checkpoint.tensors)
+    alternative = checkpoint.layout.tied_head_source(name)
     if alternative is None:
         raise MergeError(f"model '{checkpoint.reference}' has no tensor '{name}'")
     return alternative
