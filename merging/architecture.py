@@ -21,7 +21,8 @@ import json
 import logging
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from functools import lru_cache
 from typing import Optional
 
@@ -51,7 +52,7 @@ class Stack:
     module: str
     root: str
     depth_key: tuple[str, ...]
-    per_layer_keys: tuple[tuple[str, ...], ...] = ()
+    per_layer_keys: tuple[tuple[str, ...], ...] = field(default=(), compare=False)  # from the checkpoint's config
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class Structure:
     input_embeddings: tuple[str, ...]  # module parameter names
     output_head: Optional[str]
     parameter_order: tuple[str, ...]  # module parameter names in registration order
-    mapping: object = field(default=None, compare=False, repr=False)  # (renamings, converters, prefix, meta keys)
+    # transformers' stored-name -> module-name rules: (kind, scope, base prefix, regex, targets), in order
+    mapping: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def text(self) -> Stack:
@@ -94,13 +96,17 @@ class UnknownArchitecture(MergeError):
 
 STRUCTURES: dict[str, Structure] = {}  # cache key -> structure, learned once per process
 _STRUCTURES_LOCK = threading.Lock()
+# What is known of the architectures people merge, shipped so that planning a merge does not
+# import transformers (4 s here); `python -m merging.architecture` rebuilds it.
+TABLE = Path(__file__).with_name("architectures.json")
 
 
 def structure_of(config: dict, reference: str = "") -> Structure:
-    """The structure of the model `config` describes, learned once per architecture."""
-    key = _structure_key(config)
+    """The structure of the model `config` describes: from the shipped table, else learned
+    from transformers once per architecture and process."""
+    key = structure_key(config)
     with _STRUCTURES_LOCK:
-        known = STRUCTURES.get(key)
+        known = STRUCTURES.get(key) or _shipped().get(key)
     if known is not None:
         return known
     learned = _learn_structure(config, reference)
@@ -108,16 +114,39 @@ def structure_of(config: dict, reference: str = "") -> Structure:
         return STRUCTURES.setdefault(key, learned)
 
 
-def _structure_key(config: dict) -> str:
-    """Architecture, model type and which nested configs exist: not sizes (a 1B and a 70B
-    Llama share a structure). Per-layer lists are part of it (they name the layers' kinds)."""
-    named = ("model_type", "architectures", "tie_word_embeddings")
+def structure_key(config: dict) -> str:
+    """The class, the model type and the nested configs' model types: not sizes (a 1B and a
+    70B Llama share a structure)."""
+    parts = [str((config.get("architectures") or [""])[0]), str(config.get("model_type"))]
+    parts += [f"{k}={v.get('model_type')}" for k, v in sorted(config.items())
+              if isinstance(v, dict) and "model_type" in v]
+    return "|".join(parts)
 
-    def shape_of(scope: dict) -> dict:
-        return {k: (v if k in named else shape_of(v) if isinstance(v, dict) else
-                    "list" if isinstance(v, list) else None)
-                for k, v in sorted(scope.items()) if isinstance(v, (dict, list)) or k in DEPTH_KEYS or k in named}
-    return json.dumps(shape_of(config), sort_keys=True, default=str)
+
+@lru_cache(maxsize=1)
+def _shipped() -> dict[str, Structure]:
+    try:
+        table = json.loads(TABLE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {key: structure_from_json(entry) for key, entry in table.items()}
+
+
+def structure_to_json(structure: Structure) -> dict:
+    return {"name": structure.name,
+            "stacks": [{"role": s.role, "module": s.module, "root": s.root, "depth_key": list(s.depth_key)}
+                       for s in structure.stacks],
+            "input_embeddings": list(structure.input_embeddings), "output_head": structure.output_head,
+            "parameter_order": list(structure.parameter_order),
+            "mapping": [list(rule) for rule in structure.mapping]}
+
+
+def structure_from_json(entry: dict) -> Structure:
+    stacks = tuple(Stack(s["role"], s["module"], s["root"], tuple(s["depth_key"])) for s in entry["stacks"])
+    mapping = tuple((kind, scope, base, pattern, tuple(targets)) for kind, scope, base, pattern, targets
+                    in entry["mapping"])
+    return Structure(entry["name"], stacks, tuple(entry["input_embeddings"]), entry["output_head"],
+                     tuple(entry["parameter_order"]), mapping)
 
 
 def _learn_structure(config: dict, reference: str) -> Structure:
@@ -135,10 +164,7 @@ def _learn_structure(config: dict, reference: str) -> Structure:
         depth_key = _depth_key(owner, len(module))
         if depth_key is None:
             continue  # a list whose length no config key holds is not a stack of layers
-        per_layer = tuple(owner_path + (key,) for key, value in sorted(owner.to_dict().items())
-                          if isinstance(value, list) and len(value) == len(module)
-                          and not key.endswith(("_id", "_ids")))
-        stacks.append(Stack("", name, root, owner_path + (depth_key,), per_layer))
+        stacks.append(Stack("", name, root, owner_path + (depth_key,)))
         claimed.append(name)
     embedding = model.get_input_embeddings()
     embedding_names = tuple(f"{n}.weight" for n, m in model.named_modules() if m is embedding)
@@ -151,10 +177,13 @@ def _learn_structure(config: dict, reference: str) -> Structure:
                          "no stack of layers in it has its depth in the config, so its layers cannot be told apart")
     ordered = [stacks[text_index]] + [s for i, s in enumerate(stacks) if i != text_index]
     roles = [TEXT_ROLE] + [_role(stack) for stack in ordered[1:]]
-    ordered = [Stack(role, s.module, s.root, s.depth_key, s.per_layer_keys) for role, s in zip(roles, ordered)]
-    order = tuple(name for name, _ in model.named_parameters(remove_duplicate=False))
+    ordered = [Stack(role, s.module, s.root, s.depth_key) for role, s in zip(roles, ordered)]
+    order: dict[str, None] = {}  # parameters outside the blocks, and each stack where its blocks begin
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        owner = next((s.module for s in ordered if name.startswith(s.module + ".")), name)
+        order.setdefault(owner, None)
     return Structure(type(model).__name__, tuple(ordered), embedding_names,
-                     head_names[0] if head_names else None, order, _conversion(model))
+                     head_names[0] if head_names else None, tuple(order), _conversion(model))
 
 
 def _meta_model(config: dict, reference: str):
@@ -174,7 +203,7 @@ def _meta_model(config: dict, reference: str):
     level = logger.level
     try:
         logger.setLevel(logging.ERROR)  # warnings about token ids and defaults are not ours to show
-        model_config = config_class.from_dict({k: v for k, v in config.items() if k != "quantization_config"})
+        model_config = config_class.from_dict(_probe_config(config))
         classes = [getattr(transformers, name, None) for name in config.get("architectures") or []]
         model_class = next((c for c in classes if c is not None), None)
         with torch.device("meta"):
@@ -188,6 +217,35 @@ def _meta_model(config: dict, reference: str):
         raise MergeError(f"{where}: transformers cannot build its architecture from config.json ({reason})") from None
     finally:
         logger.setLevel(level)
+
+
+def _probe_config(config: dict) -> dict:
+    """`config` made small enough to build in milliseconds whatever it claims (a visitor's
+    config may claim a billion layers): every depth a distinct small number (2, 3, ...) so
+    each stack's depth key can still be told apart, per-layer lists cut to match, at most 4
+    experts. Sizes stay: the meta device allocates nothing for them."""
+    counter = iter(range(2, 1000))
+
+    def shrink(scope: dict) -> dict:
+        scope = {k: v for k, v in scope.items() if k != "quantization_config"}
+        for key, value in list(scope.items()):
+            if isinstance(value, dict):
+                scope[key] = shrink(value)
+            elif type(value) is int and value > 0 and _is_depth_key(key):
+                depth = next(counter)
+                for other, items in list(scope.items()):
+                    if isinstance(items, list) and len(items) == value and not other.endswith(("_id", "_ids")):
+                        scope[other] = (items * depth)[:depth]
+                scope[key] = depth
+            elif type(value) is int and value > 4 and "expert" in key:
+                scope[key] = 4
+        return scope
+
+    return shrink(config)
+
+
+def _is_depth_key(key: str) -> bool:
+    return key in DEPTH_KEYS or ("layer" in key and key.startswith(("num_", "n_")))
 
 
 def _auto_model(model_config):
@@ -252,36 +310,70 @@ def _role(stack: Stack) -> str:
     return stack.module
 
 
-def _conversion(model):
-    """transformers' stored-name -> module-name mapping for this model, when it has one."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
+def _conversion(model) -> tuple:
+    """transformers' stored-name -> module-name rules for this model, as data: each rule is
+    (kind, scope prefix, base-model prefix, regex, targets); renamings all apply in turn,
+    then at most one converter. Rules of kinds this module cannot replay are refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
 
-        transforms = get_model_conversion_mapping(model)
-        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        keys = dict.fromkeys(name for name, _ in model.named_parameters(remove_duplicate=False))
-        return renamings, converters, getattr(model, "base_model_prefix", None), keys
-    except Exception:  # an older or newer transformers: names are then taken as stored
-        return None
+    rules = []
+    for transform in get_model_conversion_mapping(model):
+        if type(transform) in (WeightRenaming, PrefixChange):
+            kind = "rename"
+        elif type(transform) is WeightConverter:
+            kind = "convert"
+        else:
+            raise MergeError(f"{type(model).__name__}: transformers renames its weights with "
+                             f"{type(transform).__name__}, which MergeLab cannot follow yet")
+        rules.append((kind, transform.scope_prefix, transform.base_model_prefix,
+                      transform.compiled_sources.pattern, tuple(transform.target_patterns)))
+    return tuple(rules)
 
 
-_RENAME_LOCK = threading.Lock()  # transformers' transforms remember what they matched
+@lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def _apply_rule(rule: tuple, key: str) -> tuple[str, bool]:
+    """One rule on one name, as transformers' WeightTransform.rename_source_key does it."""
+    _, scope, base, pattern, targets = rule
+    prefix, to_match = None, key
+    if scope is not None:
+        scope_dot = f"{scope}." if scope != "" else ""
+        base_dot = f"{base}." if base else ""
+        if key.startswith(base_dot + scope_dot):
+            prefix = base_dot + scope_dot
+        elif key.startswith(scope_dot):
+            prefix = scope_dot
+        else:
+            return key, False
+        to_match = key.removeprefix(prefix)
+    compiled = _compiled(pattern)
+    match = compiled.search(to_match)
+    if match is None:
+        return key, False
+    group = next(name for name, value in match.groupdict().items() if value is not None)
+    replacement = targets[0]
+    if r"\1" in replacement:
+        replacement = replacement.replace(r"\1", match.group(compiled.groupindex[group] + 1))
+    renamed = to_match.replace(match.group(0), replacement, 1)
+    return (prefix + renamed if prefix is not None else renamed), True
 
 
 @lru_cache(maxsize=200_000)
 def _module_name(structure: Structure, stored: str) -> str:
-    if structure.mapping is None:
-        return stored
-    from transformers.core_model_loading import rename_source_key
-
-    renamings, converters, prefix, keys = structure.mapping
-    try:
-        with _RENAME_LOCK:
-            return rename_source_key(stored, renamings, converters, prefix, keys)[0]
-    except Exception:
-        return stored
+    name = stored
+    for rule in structure.mapping:
+        if rule[0] == "rename":
+            name, _ = _apply_rule(rule, name)
+    for rule in structure.mapping:
+        if rule[0] == "convert":
+            name, matched = _apply_rule(rule, name)
+            if matched:
+                break
+    return name
 
 
 # ---------------------------------------------------------------------------------
@@ -291,6 +383,8 @@ class Layout:
     """One checkpoint's stored tensor names sorted into stacks and the rest."""
 
     def __init__(self, structure: Structure, names, config: dict):
+        stacks = tuple(replace(stack, per_layer_keys=_per_layer_keys(config, stack)) for stack in structure.stacks)
+        structure = replace(structure, stacks=stacks)
         self.structure = structure
         self.config = config
         self.layers: dict[str, LayerName] = {}
@@ -406,6 +500,17 @@ class Layout:
         return (name,) if module is None or module == name else (name, module)
 
 
+def _per_layer_keys(config: dict, stack: Stack) -> tuple[tuple[str, ...], ...]:
+    """Config lists with one entry per layer of `stack` (layer_types, ...), by their paths."""
+    owner = stack.depth_key[:-1]
+    scope = config_value(config, owner) if owner else config
+    depth = scope.get(stack.depth_key[-1]) if isinstance(scope, dict) else None
+    if type(depth) is not int:
+        return ()
+    return tuple(owner + (key,) for key, value in sorted(scope.items())
+                 if isinstance(value, list) and len(value) == depth and not key.endswith(("_id", "_ids")))
+
+
 def _looks_like_head(name: str) -> bool:
     return name.startswith("lm_head") or name.endswith("embed_out.weight")
 
@@ -417,7 +522,7 @@ def _order_index(structure: Structure) -> dict[str, int]:
     for position, name in enumerate(structure.parameter_order):
         order.setdefault(name, position)
         for stack in structure.stacks:
-            if name.startswith(stack.module + "."):
+            if name.startswith(stack.module + "."):  # a structure from tensor names lists a block's first name
                 order.setdefault(stack.module, position)
     return order
 
@@ -491,7 +596,7 @@ def structure_from_names(config: dict, names: list[str], unknown: UnknownArchite
     order = tuple(embeddings) + (module + ".0",)
     return Structure(str((config.get("architectures") or [config.get("model_type")])[0]),
                      (Stack(TEXT_ROLE, module, module.rsplit(".", 1)[0] if "." in module else "", (depth_key,)),),
-                     embeddings, head, order, None)
+                     embeddings, head, order, ())
 
 
 # ---------------------------------------------------------------------------------
@@ -557,3 +662,25 @@ def vocabulary_size(checkpoint) -> Optional[int]:
         if "embed_tokens" in name and info.shape:
             return info.shape[0]
     return checkpoint.config.get("vocab_size")
+
+
+def learn_into_table(configs: list[dict], table: Path = TABLE) -> list[str]:
+    """Learn each config's structure from transformers and write it into the shipped table
+    (sorted, one entry per architecture); returns the keys written."""
+    entries = json.loads(table.read_text()) if table.is_file() else {}
+    keys = []
+    for config in configs:
+        key = structure_key(config)
+        entries[key] = structure_to_json(_learn_structure(config, key))
+        keys.append(key)
+    table.write_text(json.dumps(dict(sorted(entries.items())), indent=1) + "\n")
+    _shipped.cache_clear()
+    return keys
+
+
+if __name__ == "__main__":  # python -m merging.architecture MODEL_FOLDER_OR_CONFIG_JSON ...
+    import sys
+
+    found = [Path(p) / "config.json" if Path(p).is_dir() else Path(p) for p in sys.argv[1:]]
+    for key in learn_into_table([json.loads(p.read_text()) for p in found]):
+        print(f"learned {key}")

@@ -61,3 +61,12 @@ def server(demo_cache, tmp_path_factory):
     app = launch_app(demo_cache, log=tmp_path_factory.mktemp("app") / "app.log")
     yield app.url
     app.stop()
+
+
+@pytest.fixture(scope="session")
+def arch_families(tmp_path_factory) -> dict:
+    """A base and two children of every architecture in tests/arch_models.py, built once."""
+    from arch_models import ARCHITECTURES, make_family
+
+    root = tmp_path_factory.mktemp("architectures")
+    return {name: make_family(name, root / name) for name in ARCHITECTURES}
