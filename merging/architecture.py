@@ -617,52 +617,6 @@ def module_type(name: str) -> str:
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
 
 
-def adapter_layer_index(name: str) -> Optional[int]:
-    """The layer of a LoRA adapter's module name (PEFT names follow the base's modules)."""
-    match = LAYER_NAME.match(name)
-    return int(match["index"]) if match else None
-
-
-# ---------------------------------------------------------------------------------
-# name-pattern helpers, kept while callers move to Layout (removed when none is left)
-
-@lru_cache(maxsize=None)
-def split_layer_name(name: str) -> Optional[tuple[str, int, str]]:
-    match = LAYER_NAME.match(name)
-    if match is None:
-        return None
-    return match["prefix"], int(match["index"]), match["rest"]
-
-
-def layer_count(checkpoint) -> int:
-    for key in LAYER_COUNT_KEYS:
-        value = checkpoint.config.get(key)
-        if isinstance(value, int):
-            return value
-    indices = [parts[1] for n in checkpoint.tensors if (parts := split_layer_name(n))]
-    return max(indices) + 1 if indices else 0
-
-
-def is_vocabulary_tensor(name: str) -> bool:
-    return "embed_tokens" in name or name.startswith("lm_head") or name.endswith("wte.weight")
-
-
-def is_before_layers(name: str) -> bool:
-    return "embed" in name or name.endswith("wte.weight") or name.endswith("wpe.weight")
-
-
-def tied_alternative(name: str, names) -> Optional[str]:
-    if not name.startswith("lm_head"):
-        return None
-    return next((n for n in names if "embed_tokens" in n and n.endswith(".weight")), None)
-
-
-def vocabulary_size(checkpoint) -> Optional[int]:
-    for name, info in checkpoint.tensors.items():
-        if "embed_tokens" in name and info.shape:
-            return info.shape[0]
-    return checkpoint.config.get("vocab_size")
-
 
 def learn_into_table(configs: list[dict], table: Path = TABLE) -> list[str]:
     """Learn each config's structure from transformers and write it into the shipped table

@@ -12,7 +12,6 @@ from typing import Callable, Optional
 
 import torch
 
-from .architecture import split_layer_name
 from .errors import MergeError
 from .sources import Checkpoint, open_model
 from .sources.lora import ADAPTER_CONFIG, PEFT_PREFIX
@@ -21,8 +20,9 @@ from .writer import atomic_folder
 
 def linear_weights(checkpoint: Checkpoint) -> list[str]:
     """The 2-D `*_proj.weight` tensors of the decoder layers (attention and MLP linears)."""
+    layout = checkpoint.layout
     return [n for n, info in checkpoint.tensors.items()
-            if len(info.shape) == 2 and split_layer_name(n) and n.endswith("_proj.weight")]
+            if len(info.shape) == 2 and layout.split(n) and n.endswith("_proj.weight")]
 
 
 def extract_lora(model: str, base: str, out_dir, rank: int, progress: Optional[Callable[[int, int], None]] = None
