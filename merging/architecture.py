@@ -138,13 +138,13 @@ def structure_to_json(structure: Structure) -> dict:
                        for s in structure.stacks],
             "input_embeddings": list(structure.input_embeddings), "output_head": structure.output_head,
             "parameter_order": list(structure.parameter_order),
-            "mapping": [list(rule) for rule in structure.mapping]}
+            "mapping": [list(rule[:5]) + [[list(op) for op in rule[5]]] for rule in structure.mapping]}
 
 
 def structure_from_json(entry: dict) -> Structure:
     stacks = tuple(Stack(s["role"], s["module"], s["root"], tuple(s["depth_key"])) for s in entry["stacks"])
-    mapping = tuple((kind, scope, base, pattern, tuple(targets)) for kind, scope, base, pattern, targets
-                    in entry["mapping"])
+    mapping = tuple((kind, scope, base, pattern, tuple(targets), tuple(tuple(op) for op in operations))
+                    for kind, scope, base, pattern, targets, operations in entry["mapping"])
     return Structure(entry["name"], stacks, tuple(entry["input_embeddings"]), entry["output_head"],
                      tuple(entry["parameter_order"]), mapping)
 
@@ -326,9 +326,31 @@ def _conversion(model) -> tuple:
         else:
             raise MergeError(f"{type(model).__name__}: transformers renames its weights with "
                              f"{type(transform).__name__}, which MergeLab cannot follow yet")
+        operations = tuple((type(op).__name__, getattr(op, "dim", None))
+                           for op in getattr(transform, "operations", ()) if kind == "convert")
+        if any(op not in FUSING_OPERATIONS for op, _ in operations):
+            raise MergeError(f"{type(model).__name__}: transformers converts its weights with "
+                             f"{', '.join(op for op, _ in operations)}, which MergeLab cannot follow yet")
         rules.append((kind, transform.scope_prefix, transform.base_model_prefix,
-                      transform.compiled_sources.pattern, tuple(transform.target_patterns)))
+                      transform.compiled_sources.pattern, tuple(transform.target_patterns), operations))
     return tuple(rules)
+
+
+# How transformers fuses stored per-expert tensors into one parameter: stack the experts
+# (MergeModulelist, dim 0), then join the source patterns (Concatenate, along `dim`).
+FUSING_OPERATIONS = ("MergeModulelist", "Concatenate")
+
+
+@dataclass(frozen=True)
+class FusedPart:
+    """Where a stored tensor sits inside the fused parameter it loads into:
+    parameter[expert] split in `parts` along `dim`, part `part`."""
+
+    parameter: str
+    expert: int
+    part: int
+    parts: int
+    dim: int
 
 
 @lru_cache(maxsize=None)
@@ -338,7 +360,7 @@ def _compiled(pattern: str) -> re.Pattern:
 
 def _apply_rule(rule: tuple, key: str) -> tuple[str, bool]:
     """One rule on one name, as transformers' WeightTransform.rename_source_key does it."""
-    _, scope, base, pattern, targets = rule
+    _, scope, base, pattern, targets = rule[:5]
     prefix, to_match = None, key
     if scope is not None:
         scope_dot = f"{scope}." if scope != "" else ""
@@ -362,18 +384,44 @@ def _apply_rule(rule: tuple, key: str) -> tuple[str, bool]:
     return (prefix + renamed if prefix is not None else renamed), True
 
 
-@lru_cache(maxsize=200_000)
-def _module_name(structure: Structure, stored: str) -> str:
+def _renamed(structure: Structure, stored: str) -> str:
     name = stored
     for rule in structure.mapping:
         if rule[0] == "rename":
             name, _ = _apply_rule(rule, name)
+    return name
+
+
+@lru_cache(maxsize=200_000)
+def _module_name(structure: Structure, stored: str) -> str:
+    name = _renamed(structure, stored)
     for rule in structure.mapping:
         if rule[0] == "convert":
             name, matched = _apply_rule(rule, name)
             if matched:
                 break
     return name
+
+
+def fused_part(structure: Structure, stored: str) -> Optional[FusedPart]:
+    """For a stored tensor transformers fuses into a bigger parameter on loading (Mixtral's
+    per-expert w1/w3 into experts.gate_up_proj): where it goes; None for the others."""
+    name = _renamed(structure, stored)
+    for rule in structure.mapping:
+        if rule[0] != "convert":
+            continue
+        match = _compiled(rule[3]).search(name)
+        if match is None:
+            continue
+        group = next(g for g, value in match.groupdict().items() if value is not None)
+        expert = re.search(r"\.(\d+)\.", match.group(0))
+        operations = dict(rule[5])
+        if expert is None or "MergeModulelist" not in operations:
+            return None
+        parts = len(re.findall(r"\(\?P<g\d+>", rule[3]))
+        dim = (operations.get("Concatenate") or 1) - 1  # inside one expert's slice
+        return FusedPart(_module_name(structure, stored), int(expert.group(1)), int(group[1:]), parts, dim)
+    return None
 
 
 # ---------------------------------------------------------------------------------

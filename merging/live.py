@@ -23,6 +23,7 @@ from .errors import MergeError
 from .folder import resolve_chat_template
 from .pipeline import fetch_weights, open_checkpoints
 from .plan import TORCH_DTYPES, MergePlan, TensorTask, plan_merge
+from .architecture import Structure, fused_part
 from .sources import Checkpoint
 
 
@@ -53,22 +54,47 @@ def task_signature(plan: MergePlan, task: TensorTask, seed: int) -> tuple:
 
 
 class ModelSink:
-    """Writes merged tensors into a model's parameters, in place, cast to their dtype."""
+    """Writes merged tensors into a model's parameters, in place, cast to their dtype.
 
-    def __init__(self, model: torch.nn.Module):
+    Merged tensors carry their stored names; the architecture model says which parameter
+    each loads into (renamed, or a part of a fused one: Mixtral's per-expert weights)."""
+
+    def __init__(self, model: torch.nn.Module, structure: Structure):
         self.tensors = dict(model.state_dict(keep_vars=True))
+        self.structure = structure
+
+    def has(self, name: str) -> bool:
+        return self._target(name) is not None
+
+    def _target(self, name: str) -> Optional[torch.Tensor]:
+        if name in self.tensors:
+            return self.tensors[name].data
+        part = fused_part(self.structure, name)
+        if part is None:
+            module = self.tensors.get(self.structure.module_name(name))
+            return None if module is None else module.data
+        if part.parameter not in self.tensors:
+            return None
+        expert = self.tensors[part.parameter].data[part.expert]
+        return expert.chunk(part.parts, dim=part.dim)[part.part] if part.parts > 1 else expert
 
     @torch.no_grad()
     def write(self, name: str, blocks) -> None:
-        target = self.tensors[name].data
-        flat = target.view(-1)
-        offset = 0
-        for block in blocks:
-            count = block.numel()
-            flat[offset:offset + count].copy_(block.reshape(-1))
-            offset += count
-        if offset != flat.numel():
-            raise RuntimeError(f"{name}: wrote {offset} of {flat.numel()} values")
+        target = self._target(name)
+        if target.is_contiguous():
+            flat = target.view(-1)
+            offset = 0
+            for block in blocks:
+                count = block.numel()
+                flat[offset:offset + count].copy_(block.reshape(-1))
+                offset += count
+        else:  # a part of a fused parameter split along a later dimension
+            whole = torch.cat([block.reshape(-1) for block in blocks])
+            offset = whole.numel()
+            if offset == target.numel():
+                target.copy_(whole.reshape(target.shape))
+        if offset != target.numel():
+            raise RuntimeError(f"{name}: wrote {offset} of {target.numel()} values")
 
 
 class LiveMerge:
@@ -114,10 +140,11 @@ class LiveMerge:
         fetch_weights(plan)
         self.checkpoints.update(plan.checkpoints)
         model = self._new_model(plan)
-        sink = self.sink = ModelSink(model)
+        reference = plan.config.base_model or plan.config.referenced_models()[0]
+        sink = self.sink = ModelSink(model, plan.checkpoints[reference].layout.structure)
         signatures = {}
         for task in plan.tasks:
-            if task.name not in sink.tensors:
+            if not sink.has(task.name):
                 raise MergeError(f"the {type(model).__name__} built from the merged config has no tensor "
                                  f"'{task.name}'")
             sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
@@ -158,9 +185,17 @@ class LiveMerge:
             raise MergeError(f"transformers has no built-in model type '{model_type}'; running the "
                              "model's own code needs trust_remote_code, which is off")
         dtype = self._model_dtype(plan)
+        import transformers
+
+        # the class the config names (a multimodal model chats with its text alone), else the causal LM
+        named = [getattr(transformers, n, None) for n in values.get("architectures") or []]
+        model_class = next((c for c in named if c is not None), None)
         with no_init_weights():  # every weight is about to be written by the merge
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
-                                                     trust_remote_code=self.trust_remote_code)
+            if model_class is not None and model_type in CONFIG_MAPPING:
+                model = model_class._from_config(model_config, dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
+                                                         trust_remote_code=self.trust_remote_code)
         return model.to(self.device)
 
     def _tokenizer(self, plan: MergePlan):
