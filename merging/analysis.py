@@ -162,7 +162,8 @@ def parameter_records(plan: MergePlan, name: str) -> list[dict]:
 
 
 # ---- figures -------------------------------------------------------------------------
-MODULE_ORDER = ["embed", "q", "k", "v", "o", "gate", "up", "down", "norm", "lm_head", "other"]
+MODULE_ORDER = ["embed", "qkv", "q", "k", "v", "o", "attn", "gate", "up", "down", "mlp", "norm", "lm_head",
+                "other"]
 
 
 def heatmap(records: list[dict], metric: str = "angle_deg", pair: Optional[tuple[str, str]] = None):

@@ -33,7 +33,12 @@ DEPTH_KEYS = LAYER_COUNT_KEYS + ("depth", "encoder_layers", "num_blocks")
 MODULE_TYPES = (  # substring -> short module kind; the first match wins
     ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"),
     ("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"),
-    ("embed_tokens", "embed"), ("lm_head", "lm_head"), ("norm", "norm"),
+    ("embed_tokens", "embed"), ("wte.", "embed"), ("word_embeddings", "embed"), ("embed_in.", "embed"),
+    ("lm_head", "lm_head"), ("embed_out", "lm_head"),
+    ("c_attn", "qkv"), ("query_key_value", "qkv"), ("qkv_proj", "qkv"), ("Wqkv", "qkv"),
+    ("norm", "norm"), ("ln_", "norm"),
+    ("attn", "attn"), ("attention", "attn"),  # other attention weights (GPT-2's c_proj, dense)
+    ("mlp", "mlp"), ("experts", "mlp"), ("feed_forward", "mlp"), ("ffn", "mlp"),
 )
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
               "head_dim")
