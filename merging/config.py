@@ -19,7 +19,7 @@ from . import parameters as params_mod
 from .errors import MergeError, did_you_mean
 from .limits import check as check_limit
 from .methods import METHODS, get_method
-from .recipe_keys import (MODEL_ENTRY, MODEL_PATH, MODEL_REFERENCE, SLICE, SOURCE, TOKENIZER, TOP_LEVEL,
+from .recipe_keys import (MODEL_ENTRY, MODEL_PATH, MODEL_REFERENCE, MODULE, SLICE, SOURCE, TOKENIZER, TOP_LEVEL,
                           ignored_key, ignored_parameter, misplaced_global)
 from .safe_yaml import load_documents
 
@@ -30,6 +30,7 @@ DTYPES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float64": "float64", "fp64": "float64",
 }
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,99}$")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -128,12 +129,26 @@ class OutputSlice:
 
 
 @dataclass
+class ModuleSpec:
+    """One part of a multimodal model in a `modules` recipe (mergekit's module names:
+    text_decoder, vision_tower, audio_tower, multi_modal_projector): its own `models` (the
+    module's stack whole) or `slices` (layer ranges over the module's own stack), and its
+    `parameters`, looked up after a slice's and before the top level's."""
+
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    parameters: Optional[dict] = None
+
+
+@dataclass
 class MergeConfig:
-    """One merge: `models` (all layers) or `slices` (layer ranges), a method, parameters."""
+    """One merge: `models` (all layers), `slices` (layer ranges) or `modules` (each part of
+    a multimodal model with its own models or slices), a method, parameters."""
 
     merge_method: str
     models: Optional[list[InputModel]] = None
     slices: Optional[list[OutputSlice]] = None
+    modules: Optional[dict[str, ModuleSpec]] = None
     base_model: Optional[str] = None
     parameters: Optional[dict] = None
     dtype: Optional[str] = None
@@ -180,12 +195,11 @@ class MergeConfig:
     def from_dict(data: Any, where: str = "") -> "MergeConfig":
         if not isinstance(data, dict):
             raise MergeError(f"the config{where} must be a mapping, got {type(data).__name__}")
-        if "modules" in data:
-            raise MergeError(f"'modules' configs{where} are not supported; use 'models' or 'slices'")
         unknown = [str(k) for k in data if k not in TOP_LEVEL_KEYS]
-        has_models, has_slices = bool(data.get("models")), bool(data.get("slices"))
+        has_models, has_slices, has_modules = (bool(data.get(k)) for k in ("models", "slices", "modules"))
+        inputs_given = has_models + has_slices + has_modules
         missing = ([] if "merge_method" in data else ["merge_method"]) + \
-                  (["models", "slices"] if has_models == has_slices else [])
+                  (["models", "slices", "modules"] if inputs_given != 1 else [])
         for key in unknown:  # a misspelt required key: mergekit fails too, so name the spelling
             hint = did_you_mean(key, missing)
             if hint:
@@ -195,29 +209,26 @@ class MergeConfig:
         method = data["merge_method"]
         if not isinstance(method, str):
             raise MergeError(f"merge_method{where} must be a name, got {method!r}")
-        if has_models == has_slices:
-            raise MergeError(f"the config{where} needs exactly one of 'models' or 'slices'")
+        if inputs_given != 1:
+            raise MergeError(f"the config{where} needs exactly one of 'models', 'slices' or 'modules'")
         declared = METHODS.get(method)
         notes = [ignored_key(key, where, TOP_LEVEL_KEYS, method=declared, top_level=True) for key in unknown]
 
-        models = slices = None
+        models = slices = modules = None
         if has_models:
-            if not isinstance(data["models"], list):
-                raise MergeError(f"models{where} must be a list")
-            check_limit("models", len(data["models"]), f"the recipe{where} lists {len(data['models'])} models")
-            models = [_input_model(entry, f"{where} (models[{i}])", f"models[{i}]", where, notes)
-                      for i, entry in enumerate(data["models"])]
+            models = _input_models(data["models"], "", where, notes)
+        elif has_slices:
+            slices = _output_slices(data["slices"], "", where, notes)
         else:
-            if not isinstance(data["slices"], list):
-                raise MergeError(f"slices{where} must be a list")
-            check_limit("slices", len(data["slices"]), f"the recipe{where} has {len(data['slices'])} slices")
-            slices = [_output_slice(entry, f"{where} (slices[{i}])", f"slices[{i}]", where, notes)
-                      for i, entry in enumerate(data["slices"])]
+            modules = _modules(data["modules"], where, notes)
+            count = sum(len(m.slices or []) for m in modules.values())
+            check_limit("slices", count, f"the recipe{where} has {count} slices")
 
         config = MergeConfig(
             merge_method=method,
             models=models,
             slices=slices,
+            modules=modules,
             base_model=(model_name(data["base_model"], f" of base_model{where}", notes)
                         if data.get("base_model") else None),
             parameters=_parameter_dict(data.get("parameters"), where),
@@ -235,8 +246,8 @@ class MergeConfig:
         config.check(where)
         check_limit("models", len(config.referenced_models()),
                     f"the recipe{where} names {len(config.referenced_models())} models")
-        if config.slices:
-            layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in config.slices)
+        if config.slices or config.modules:
+            layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in config.output_slices())
             check_limit("output_layers", layers, f"the recipe{where} makes a model of {layers} layers")
         return config
 
@@ -265,21 +276,24 @@ class MergeConfig:
                         if not isinstance(entry, dict) or "value" not in entry:
                             raise MergeError(f"each filtered entry of '{name}'{label}{where} needs a 'value'")
         self.warnings = list(self.ignored)
-        if self.slices:
-            for index, output_slice in enumerate(self.slices):
+        for path, models, slices, _ in self._groups():
+            label = f" ({path.rstrip('.')})" if path else ""
+            for index, output_slice in enumerate(slices or []):
                 self._check_inputs(method, [s.model for s in output_slice.sources],
-                                   output_slice.base_model or self.base_model, f"{where} (slices[{index}])")
-        else:
-            self._check_inputs(method, [m.model for m in self.models], self.base_model, where)
+                                   output_slice.base_model or self.base_model, f"{where} ({path}slices[{index}])")
+            if models is not None:
+                self._check_inputs(method, [m.model for m in models], self.base_model, f"{where}{label}",
+                                   adds_base=True)
 
-    def _check_inputs(self, method, models: list[str], base: Optional[str], where: str) -> None:
+    def _check_inputs(self, method, models: list[str], base: Optional[str], where: str,
+                      adds_base: bool = False) -> None:
         if len(set(models)) != len(models):
             duplicate = next(m for m in models if models.count(m) > 1)
             raise MergeError(f"model '{duplicate}' is listed twice{where}")
         if method.base == "required" and not base:
             raise MergeError(f"{method.name} needs a base_model{where}")
         inputs = list(models)
-        if base and base not in inputs and self.models is not None:
+        if base and base not in inputs and adds_base:
             inputs.append(base)  # mergekit adds the base to the inputs of a 'models' merge
         if base and base not in inputs:
             if method.base != "ignored":
@@ -293,35 +307,69 @@ class MergeConfig:
             exactly = "exactly" if method.max_models == method.min_models else "at most"
             raise MergeError(f"{method.name} takes {exactly} {method.max_models} {what}{where}, got {count}")
 
+    def _groups(self):
+        """(path, models, slices, parameters) for the top level ('') and every module
+        ('modules.vision_tower.'): each a merge of its own with its own inputs."""
+        yield "", self.models, self.slices, None
+        for name, module in (self.modules or {}).items():
+            yield f"modules.{name}.", module.models, module.slices, module.parameters
+
     def _scopes_with_homes(self):
         """(label, dict, home) for every parameters block; home is where a global parameter
         found there belongs (None: it may stand there)."""
         if self.parameters:
             yield " in the top-level parameters", self.parameters, None
-        for model in self.models or []:
-            if model.parameters:
-                yield f" of model '{model.model}'", model.parameters, "parameters"
-        for index, output_slice in enumerate(self.slices or []):
-            if output_slice.parameters:
-                yield f" of slices[{index}]", output_slice.parameters, None
-            for source in output_slice.sources:
-                if source.parameters:
-                    yield (f" of slices[{index}] source '{source.model}'", source.parameters,
-                           f"slices[{index}].parameters")
+        for path, models, slices, module_parameters in self._groups():
+            if module_parameters:
+                yield f" of {path.rstrip('.')}", module_parameters, None
+            model_home = f"{path}parameters" if path else "parameters"
+            for model in models or []:
+                if model.parameters:
+                    yield f" of {path}model '{model.model}'", model.parameters, model_home
+            for index, output_slice in enumerate(slices or []):
+                if output_slice.parameters:
+                    yield f" of {path}slices[{index}]", output_slice.parameters, None
+                for source in output_slice.sources:
+                    if source.parameters:
+                        yield (f" of {path}slices[{index}] source '{source.model}'", source.parameters,
+                               f"{path}slices[{index}].parameters")
 
     def parameter_scopes(self):
         """(label, dict) for every parameters block in the config."""
-        if self.parameters:
-            yield " in the top-level parameters", self.parameters
-        for model in self.models or []:
-            if model.parameters:
-                yield f" of model '{model.model}'", model.parameters
-        for index, output_slice in enumerate(self.slices or []):
-            if output_slice.parameters:
-                yield f" of slices[{index}]", output_slice.parameters
-            for source in output_slice.sources:
-                if source.parameters:
-                    yield f" of slices[{index}] source '{source.model}'", source.parameters
+        for label, scope, _ in self._scopes_with_homes():
+            yield label, scope
+
+    # ---- walking the inputs ------------------------------------------------------
+    def output_slices(self) -> list[OutputSlice]:
+        """Every slice the recipe writes: the top-level ones and every module's."""
+        return [s for _, _, slices, _ in self._groups() for s in slices or []]
+
+    def model_entries(self) -> list[Union[InputModel, SliceSource]]:
+        """Every place a model is named with its own parameters: `models` entries and slice
+        sources, at the top level and in every module."""
+        entries: list[Union[InputModel, SliceSource]] = []
+        for _, models, slices, _ in self._groups():
+            entries.extend(models or [])
+            entries.extend(source for output_slice in slices or [] for source in output_slice.sources)
+        return entries
+
+    def text_module(self) -> Optional[str]:
+        """The key of the text decoder's module in a `modules` recipe ('text_decoder', or
+        mergekit's 'default' for a text-only model)."""
+        return next((key for key in ("text_decoder", "default") if key in (self.modules or {})), None)
+
+    def drop_shadowing(self, name: str, module: Optional[str] = None) -> None:
+        """Remove parameter `name` from the slices' and modules' parameters, where it would
+        shadow the top-level value (a slider or sweep that sets the top level then counts);
+        with `module`, from that module and its slices only."""
+        if module is not None:
+            spec = (self.modules or {}).get(module)
+            holders = [spec, *(spec.slices or [])] if spec is not None else []
+        else:
+            holders = list(self.output_slices()) + list((self.modules or {}).values())
+        for holder in holders:
+            if holder.parameters:
+                holder.parameters.pop(name, None)
 
     # ---- facts -------------------------------------------------------------------
     @property
@@ -331,12 +379,12 @@ class MergeConfig:
     def referenced_models(self) -> list[str]:
         """Every model the config names, base first, each once, in order of appearance."""
         names = [self.base_model] if self.base_model else []
-        for model in self.models or []:
-            names.append(model.model)
-        for output_slice in self.slices or []:
-            if output_slice.base_model:
-                names.append(output_slice.base_model)
-            names.extend(s.model for s in output_slice.sources)
+        for _, models, slices, _ in self._groups():
+            names.extend(model.model for model in models or [])
+            for output_slice in slices or []:
+                if output_slice.base_model:
+                    names.append(output_slice.base_model)
+                names.extend(s.model for s in output_slice.sources)
         return list(dict.fromkeys(names))
 
     def with_models_renamed(self, names: dict[str, str]) -> "MergeConfig":
@@ -346,12 +394,10 @@ class MergeConfig:
 
         changed = copy.deepcopy(self)
         rename = lambda name: names.get(name, name)  # noqa: E731
-        for model in changed.models or []:
-            model.model = rename(model.model)
-        for output_slice in changed.slices or []:
+        for entry in changed.model_entries():
+            entry.model = rename(entry.model)
+        for output_slice in changed.output_slices():
             output_slice.base_model = rename(output_slice.base_model) if output_slice.base_model else None
-            for source in output_slice.sources:
-                source.model = rename(source.model)
         changed.base_model = rename(changed.base_model) if changed.base_model else None
         if changed.tokenizer_source not in (None, "base", "union"):
             changed.tokenizer_source = rename(changed.tokenizer_source)
@@ -363,12 +409,14 @@ class MergeConfig:
         if self.name is not None:
             data["name"] = self.name
         if self.models is not None:
-            data["models"] = [_drop_none({"model": m.model, "parameters": m.parameters}) for m in self.models]
+            data["models"] = _models_dict(self.models)
         if self.slices is not None:
-            data["slices"] = [_drop_none({
-                "sources": [_drop_none({"model": s.model, "layer_range": list(s.layer_range),
-                                        "parameters": s.parameters}) for s in sl.sources],
-                "base_model": sl.base_model, "parameters": sl.parameters}) for sl in self.slices]
+            data["slices"] = _slices_dict(self.slices)
+        if self.modules is not None:
+            data["modules"] = {name: _drop_none({
+                "models": _models_dict(module.models) if module.models is not None else None,
+                "slices": _slices_dict(module.slices) if module.slices is not None else None,
+                "parameters": module.parameters}) for name, module in self.modules.items()}
         data["merge_method"] = self.merge_method
         for key in ("base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
                     "tokenizer", "chat_template"):
@@ -503,6 +551,64 @@ def _doc_label(index: int, count: int) -> str:
 
 def _drop_none(data: dict) -> dict:
     return {k: v for k, v in data.items() if v is not None}
+
+
+def _models_dict(models: list[InputModel]) -> list[dict]:
+    return [_drop_none({"model": m.model, "parameters": m.parameters}) for m in models]
+
+
+def _slices_dict(slices: list[OutputSlice]) -> list[dict]:
+    return [_drop_none({
+        "sources": [_drop_none({"model": s.model, "layer_range": list(s.layer_range),
+                                "parameters": s.parameters}) for s in sl.sources],
+        "base_model": sl.base_model, "parameters": sl.parameters}) for sl in slices]
+
+
+def _input_models(raw: Any, path: str, document: str, notes: list) -> list[InputModel]:
+    """A `models` list; `path` is where it sits ('' at the top, 'modules.vision_tower.')."""
+    if not isinstance(raw, list):
+        raise MergeError(f"{path}models{document} must be a list")
+    check_limit("models", len(raw), f"the recipe{document} lists {len(raw)} models")
+    return [_input_model(entry, f"{document} ({path}models[{i}])", f"{path}models[{i}]", document, notes)
+            for i, entry in enumerate(raw)]
+
+
+def _output_slices(raw: Any, path: str, document: str, notes: list) -> list[OutputSlice]:
+    if not isinstance(raw, list):
+        raise MergeError(f"{path}slices{document} must be a list")
+    check_limit("slices", len(raw), f"the recipe{document} has {len(raw)} slices")
+    return [_output_slice(entry, f"{document} ({path}slices[{i}])", f"{path}slices[{i}]", document, notes)
+            for i, entry in enumerate(raw)]
+
+
+def _modules(raw: Any, document: str, notes: list) -> dict[str, ModuleSpec]:
+    """mergekit's `modules:` mapping: module name -> {models or slices, parameters}. Which
+    names a model has is known only once it is opened (checked when the merge is planned)."""
+    if not isinstance(raw, dict):
+        raise MergeError(f"modules{document} must be a mapping of module name (text_decoder, vision_tower, "
+                         f"multi_modal_projector, ...) to its models or slices, got {type(raw).__name__}")
+    check_limit("slices", len(raw), f"the recipe{document} has {len(raw)} modules")
+    modules = {}
+    for name, entry in raw.items():
+        if not isinstance(name, str) or not MODULE_NAME.match(name):
+            raise MergeError(f"modules{document}: {str(name)[:60]!r} is not a module name (text_decoder, "
+                             "vision_tower, multi_modal_projector, ...)")
+        path = f"modules.{name}."
+        if not isinstance(entry, dict):
+            raise MergeError(f"modules.{name}{document}: must be a mapping with 'models' or 'slices', got {entry!r}")
+        _note_ignored(entry, MODULE, f" in modules.{name}{document}", notes, entry=f"modules.{name}")
+        has_models, has_slices = bool(entry.get("models")), bool(entry.get("slices"))
+        if has_models and has_slices:
+            raise MergeError(f"modules.{name}{document}: give either 'models' (the module whole) or 'slices' "
+                             "(layer ranges), not both")
+        if not has_models and not has_slices:
+            raise MergeError(f"modules.{name}{document}: needs 'models' (the module whole) or 'slices' "
+                             "(layer ranges)")
+        modules[name] = ModuleSpec(
+            models=_input_models(entry["models"], path, document, notes) if has_models else None,
+            slices=_output_slices(entry["slices"], path, document, notes) if has_slices else None,
+            parameters=_parameter_dict(entry.get("parameters"), f" of modules.{name}{document}"))
+    return modules
 
 
 def _input_model(entry: Any, where: str, path: str, document: str, notes: list) -> InputModel:

@@ -130,11 +130,9 @@ def with_parameter(config: MergeConfig, parameter: str, value, layers: Optional[
         return with_layer_points(changed, name, *per_module)
     if not model:
         changed.parameters = {**(changed.parameters or {}), name: value}
-        for output_slice in changed.slices or []:  # a slice's own value would shadow it
-            if output_slice.parameters:
-                output_slice.parameters.pop(name, None)
+        changed.drop_shadowing(name)  # a slice's or module's own value would shadow it
     else:
-        entries = list(changed.models or []) + [s for sl in changed.slices or [] for s in sl.sources]
+        entries = changed.model_entries()
         targets = [e for e in entries if e.model == model]
         if not targets:
             raise MergeError(f"no model '{model}' in the recipe to set '{name}' for")

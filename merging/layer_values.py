@@ -29,9 +29,9 @@ def with_layer_points(config: MergeConfig, name: str, attention: list[float], ml
         {"filter": "mlp", "value": _setting(mlp)},
         {"value": _setting(other)},
     ]}
-    for output_slice in changed.slices or []:  # a slice's own value would shadow the new one
-        if output_slice.parameters:
-            output_slice.parameters.pop(name, None)
+    # a slice's own value would shadow the new one; in a `modules` recipe the per-layer values
+    # are the text decoder's (the other modules keep a value of their own)
+    changed.drop_shadowing(name, changed.text_module())
     changed.check()
     return changed
 

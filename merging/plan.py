@@ -17,9 +17,10 @@ import torch
 
 from . import architecture as arch
 from . import parameters as params_mod
-from .config import MergeConfig, OutputSlice, SliceSource
+from .config import InputModel, MergeConfig, ModuleSpec, OutputSlice, SliceSource
 from .errors import MergeError
 from .methods.registry import BASE_IGNORED, Method
+from .recipe_modules import SINGLE, TEXT_DECODER, module_of, module_specs, modules_of, stack_named
 from .sources import Checkpoint, TensorInfo
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -175,7 +176,8 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
 
     Slices cut and stack the text decoder's layers; a model's other stacks (a vision
     tower) are merged whole from the first slice's models, each over its own depth, so
-    a gradient runs from the first to the last block of every stack."""
+    a gradient runs from the first to the last block of every stack. A `modules` recipe
+    plans every module (see merging.recipe_modules) by its own models or slices."""
     method = config.method
     warnings = list(config.warnings)
     for name in config.referenced_models():
@@ -185,16 +187,19 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
         # GGUF-derived configs, LoRA bases, earlier stages), and only a merge needs a loadable model
         check_loader_fields(name, checkpoints[name].config)
         warnings.extend(getattr(checkpoints[name], "warnings", []))
+    if config.modules is not None:
+        _check_modules(config, checkpoints)
     slices = normalized_slices(config, checkpoints)
     reference_name = config.base_model or slices[0].sources[0].model
     reference = checkpoints[reference_name]
     _check_compatible(config, checkpoints, reference_name, warnings)
-    for output_slice in slices:
-        for source in output_slice.sources:
-            available = checkpoints[source.model].num_layers
-            if source.layer_range[1] > available:
-                raise MergeError(f"layer_range [{source.layer_range[0]}, {source.layer_range[1]}] of "
-                                 f"model '{source.model}' goes past its {available} layers")
+    if config.modules is None:
+        for output_slice in slices:
+            for source in output_slice.sources:
+                available = checkpoints[source.model].num_layers
+                if source.layer_range[1] > available:
+                    raise MergeError(f"layer_range [{source.layer_range[0]}, {source.layer_range[1]}] of "
+                                     f"model '{source.model}' goes past its {available} layers")
 
     out_dtype_name = config.out_dtype or config.dtype
     donor = _tokenizer_donor(config, slices)
@@ -203,38 +208,14 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
     vocab_rows = None if alignment else _vocabulary_rows(config, checkpoints, layouts, donor, warnings)
     builder = _TaskBuilder(config, method, checkpoints, layouts, out_dtype_name, vocab_rows, donor)
     layout = layouts[reference_name]
-    text = layout.text
+    if config.modules is not None:
+        origins, tower_origins = _plan_modules(config, slices, checkpoints, layouts, builder, reference_name)
+    else:
+        origins, tower_origins = _plan_slices(slices, checkpoints, layouts, builder, layout), {}
+    out_layer = len(origins)
 
-    first, last = slices[0], slices[-1]
-    outside_first = _outside_names(first, checkpoints, layouts)
-    outside_last = _outside_names(last, checkpoints, layouts)
-    for name in outside_first:
-        if layouts[first.sources[0].model].comes_before(name):
-            builder.add(name, first, [name] * len(first.sources), layer=None, position=0.0)
-
-    out_layer = 0
-    origins: list[tuple[str, int]] = []  # (model, input layer) of every output layer
-    for output_slice in slices:
-        length = output_slice.sources[0].layer_range[1] - output_slice.sources[0].layer_range[0]
-        lead = output_slice.sources[0]
-        for offset in range(length):
-            position = offset / (length - 1) if length > 1 else 1.0
-            builder.add_layer(output_slice, text, [s.layer_range[0] + offset for s in output_slice.sources],
-                              out_layer, position)
-            origins.append((lead.model, lead.layer_range[0] + offset))
-            out_layer += 1
-
-    for stack in layout.stacks[1:]:  # the other towers, whole, each with its own positions
-        depth = _common_depth(first, stack, layouts)
-        for index in range(depth):
-            position = index / (depth - 1) if depth > 1 else 1.0
-            builder.add_layer(first, stack, [index] * len(first.sources), index, position, text_layer=False)
-
-    for name in outside_last:
-        if not layouts[last.sources[0].model].comes_before(name):
-            builder.add(name, last, [name] * len(last.sources), layer=None, position=0.0)
-
-    out_config = output_config(reference.config, layout, origins, {m: c.config for m, c in checkpoints.items()})
+    out_config = output_config(reference.config, layout, origins, {m: c.config for m, c in checkpoints.items()},
+                               tower_origins)
     if out_dtype_name:
         out_config.pop("torch_dtype", None)
         out_config["dtype"] = out_dtype_name
@@ -247,24 +228,152 @@ def plan_merge(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> Merge
                      warnings + builder.warnings, vocabulary=alignment)
 
 
+def _plan_slices(slices: list[OutputSlice], checkpoints, layouts, builder: "_TaskBuilder",
+                 layout: "arch.Layout") -> list[tuple[str, int]]:
+    """A `models` or `slices` recipe: slices cut the text decoder, the other towers are
+    merged whole from the first slice's models, tensors outside the blocks come from the
+    first slice (before them) or the last (after). The origins of the text layers."""
+    first, last = slices[0], slices[-1]
+    for name in _outside_names(first, checkpoints, layouts):
+        if layouts[first.sources[0].model].comes_before(name):
+            builder.add(name, first, [name] * len(first.sources), layer=None, position=0.0)
+
+    origins = _add_layers(slices, layout.text, builder)
+
+    for stack in layout.stacks[1:]:  # the other towers, whole, each with its own positions
+        depth = _common_depth(first, stack, layouts)
+        for index in range(depth):
+            position = index / (depth - 1) if depth > 1 else 1.0
+            builder.add_layer(first, stack, [index] * len(first.sources), index, position, text_layer=False)
+
+    for name in _outside_names(last, checkpoints, layouts):
+        if not layouts[last.sources[0].model].comes_before(name):
+            builder.add(name, last, [name] * len(last.sources), layer=None, position=0.0)
+    return origins
+
+
+def _add_layers(slices: list[OutputSlice], stack: "arch.Stack", builder: "_TaskBuilder") -> list[tuple[str, int]]:
+    """Every block of `stack` the slices make, a gradient running over each slice; the
+    (model, input layer) of every output layer."""
+    out_layer = 0
+    origins: list[tuple[str, int]] = []
+    for output_slice in slices:
+        lead = output_slice.sources[0]
+        length = lead.layer_range[1] - lead.layer_range[0]
+        for offset in range(length):
+            position = offset / (length - 1) if length > 1 else 1.0
+            builder.add_layer(output_slice, stack, [s.layer_range[0] + offset for s in output_slice.sources],
+                              out_layer, position, text_layer=stack.role == arch.TEXT_ROLE)
+            origins.append((lead.model, lead.layer_range[0] + offset))
+            out_layer += 1
+    return origins
+
+
+def _plan_modules(config: MergeConfig, text_slices: list[OutputSlice], checkpoints, layouts,
+                  builder: "_TaskBuilder", reference_name: str):
+    """A `modules` recipe, as mergekit plans it: every module by its own slices (the whole
+    stack for `models`), with the module's parameters between a slice's and the top
+    level's; its tensors outside the blocks from its first slice (before them) or its last
+    (after). The origins of the text layers, and of every tower's layers by stack."""
+    reference = layouts[reference_name]
+    origins: list[tuple[str, int]] = []
+    tower_origins: dict[arch.Stack, list[tuple[str, int]]] = {}
+    available = modules_of(reference, checkpoints[reference_name].tensors)
+    specs = module_specs(config.modules, available)
+    for module, stack in available.items():
+        spec = specs[module]
+        slices = text_slices if module == TEXT_DECODER else module_slices(module, spec, stack, config, layouts)
+        builder.module_parameters = spec.parameters
+        first, last = slices[0], slices[-1]
+        for name in _outside_names(first, checkpoints, layouts):
+            lead = layouts[first.sources[0].model]
+            if module_of(lead, name) == module and (stack is None or lead.comes_before(name, _own(lead, stack))):
+                builder.add(name, first, [name] * len(first.sources), layer=None, position=0.0)
+        if stack is not None:
+            layers = _add_layers(slices, stack, builder)
+            if module == TEXT_DECODER:
+                origins = layers
+            else:
+                tower_origins[stack] = layers
+            for name in _outside_names(last, checkpoints, layouts):
+                lead = layouts[last.sources[0].model]
+                if module_of(lead, name) == module and not lead.comes_before(name, _own(lead, stack)):
+                    builder.add(name, last, [name] * len(last.sources), layer=None, position=0.0)
+    builder.module_parameters = None
+    return origins, tower_origins
+
+
+def _own(layout: "arch.Layout", stack: "arch.Stack") -> "arch.Stack":
+    return stack_named(layout, stack.role) or stack
+
+
+def module_slices(module: str, spec: ModuleSpec, stack: Optional["arch.Stack"], config: MergeConfig,
+                  layouts) -> list[OutputSlice]:
+    """A module's slices: its own, or for `models` one slice over its whole stack (the
+    base added when missing, as mergekit does)."""
+    if spec.slices:
+        return spec.slices
+
+    def depth(model: str) -> int:
+        if stack is None:
+            return 0
+        own = stack_named(layouts[model], stack.role)
+        if own is None:
+            raise MergeError(f"modules.{module}: model '{model}' has no {module}")
+        return layouts[model].depth(own)
+
+    return _whole_slice(spec.models, config.base_model, depth, f"modules.{module}: ", f"{module} layers")
+
+
+def _check_modules(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> None:
+    """A `modules` recipe against the models, before anything is read: every module name
+    one the first model has, every module of it given (mergekit writes only the modules
+    named: the model it writes would lack the others' tensors and not load), slices only
+    where there is a stack to cut, and layer ranges within each model's stack."""
+    reference_name = config.referenced_models()[0]
+    reference = arch.layout_of(checkpoints[reference_name])
+    available = modules_of(reference, checkpoints[reference_name].tensors)
+    specs = module_specs(config.modules, available)
+    for module in specs:
+        if module not in available:
+            raise MergeError(f"modules.{module}: model '{reference_name}' has no module '{module}'; its modules "
+                             f"are {', '.join(available)}")
+    missing = [m for m in available if m not in specs]
+    if missing:
+        raise MergeError(f"modules: the recipe leaves out {', '.join(missing)} of model '{reference_name}' (its "
+                         f"modules are {', '.join(available)}); a model written without "
+                         f"{'its' if len(missing) == 1 else 'their'} tensors would not load, so give every module "
+                         "its models or slices")
+    for module, spec in specs.items():
+        stack = available[module]
+        if spec.slices and stack is None:
+            raise MergeError(f"modules.{module}: it has no stack of layers to cut into slices; give it 'models' "
+                             "(merged whole)")
+        for output_slice in spec.slices or []:
+            for source in output_slice.sources:
+                layout = arch.layout_of(checkpoints[source.model])
+                own = stack_named(layout, stack.role)
+                if own is None:
+                    raise MergeError(f"modules.{module}: model '{source.model}' has no {module}")
+                depth = checkpoints[source.model].num_layers if module == TEXT_DECODER else layout.depth(own)
+                if source.layer_range[1] > depth:
+                    raise MergeError(f"modules.{module}: layer_range [{source.layer_range[0]}, "
+                                     f"{source.layer_range[1]}] of model '{source.model}' goes past its {depth} "
+                                     f"{module} layers")
+
+
 def output_config(reference_config: dict, layout: "arch.Layout", origins: list[tuple[str, int]],
-                  configs: dict[str, dict]) -> dict:
-    """The base's config.json made to describe the output's text layers: the depth key
+                  configs: dict[str, dict], tower_origins: Optional[dict] = None) -> dict:
+    """The base's config.json made to describe the output's layers: each stack's depth key
     (nested in text_config for multimodal models) and every per-layer list, entry j taken
     from the model and layer output layer j came from (a frankenmerge's layer_types
-    follow its layers, not the base's first n)."""
+    follow its layers, not the base's first n). `origins` are the text layers'; a
+    `modules` recipe's towers have theirs in `tower_origins` (stack -> origins)."""
     out_config = json.loads(json.dumps(reference_config))
     text = layout.text
     depth = len(origins)
-    arch.set_config_value(out_config, text.depth_key, depth)
-    for key in text.per_layer_keys:
-        values = []
-        for model, index in origins:
-            source = arch.config_value(configs.get(model, reference_config), key)
-            if not isinstance(source, list) or index >= len(source):
-                source = arch.config_value(reference_config, key)
-            values.append(source[min(index, len(source) - 1)])
-        arch.set_config_value(out_config, key, values)
+    for stack, stack_origins in [(text, origins)] + list((tower_origins or {}).items()):
+        _follow_layers(out_config, stack, stack_origins, reference_config, configs)
     scope = arch.config_value(out_config, text.depth_key[:-1]) if len(text.depth_key) > 1 else out_config
     if isinstance(scope, dict):
         # Qwen2 counts sliding-window layers from the bottom; it cannot exceed the depth
@@ -279,6 +388,19 @@ def output_config(reference_config: dict, layout: "arch.Layout", origins: list[t
     return out_config
 
 
+def _follow_layers(out_config: dict, stack: "arch.Stack", origins: list[tuple[str, int]], reference_config: dict,
+                   configs: dict[str, dict]) -> None:
+    arch.set_config_value(out_config, stack.depth_key, len(origins))
+    for key in stack.per_layer_keys:
+        values = []
+        for model, index in origins:
+            source = arch.config_value(configs.get(model, reference_config), key)
+            if not isinstance(source, list) or index >= len(source):
+                source = arch.config_value(reference_config, key)
+            values.append(source[min(index, len(source) - 1)])
+        arch.set_config_value(out_config, key, values)
+
+
 def _common_depth(output_slice: OutputSlice, stack: "arch.Stack", layouts) -> int:
     depths = {s.model: layouts[s.model].depth(stack) for s in output_slice.sources}
     if len(set(depths.values())) > 1:
@@ -289,24 +411,30 @@ def _common_depth(output_slice: OutputSlice, stack: "arch.Stack", layouts) -> in
 
 
 def normalized_slices(config: MergeConfig, checkpoints: dict[str, Checkpoint]) -> list[OutputSlice]:
-    """A `models` config as one slice over all layers (the base added when missing)."""
-    if config.slices:
-        return config.slices
-    sources = []
-    names = [m.model for m in config.models]
-    entries = list(config.models)
-    if config.base_model and config.base_model not in names:
-        from .config import InputModel
-        entries.append(InputModel(config.base_model))
-    counts = {e.model: checkpoints[e.model].num_layers for e in entries}
+    """The slices that make the text decoder: a `models` config as one slice over all
+    layers (the base added when missing); in a `modules` config, the text_decoder's."""
+    models, slices, where = config.models, config.slices, ""
+    if config.modules is not None:
+        spec = config.modules.get(TEXT_DECODER) or config.modules[SINGLE]
+        models, slices, where = spec.models, spec.slices, f"modules.{TEXT_DECODER}: "
+    if slices:
+        return slices
+    return _whole_slice(models, config.base_model, lambda model: checkpoints[model].num_layers, where, "layers")
+
+
+def _whole_slice(models: list[InputModel], base: Optional[str], depth, where: str, what: str) -> list[OutputSlice]:
+    """`models` as one slice over each one's whole stack of `depth(model)` layers."""
+    entries = list(models)
+    if base and base not in [m.model for m in models]:
+        entries.append(InputModel(base))
+    counts = {e.model: depth(e.model) for e in entries}
     reference = entries[0].model
     for entry in entries:
         if counts[entry.model] != counts[reference]:
-            raise MergeError(f"model '{entry.model}' has {counts[entry.model]} layers, model "
+            raise MergeError(f"{where}model '{entry.model}' has {counts[entry.model]} {what}, model "
                              f"'{reference}' has {counts[reference]}; use slices to merge models "
                              "of different depth")
-        sources.append(SliceSource(entry.model, (0, counts[entry.model]), entry.parameters))
-    return [OutputSlice(sources)]
+    return [OutputSlice([SliceSource(e.model, (0, counts[e.model]), e.parameters) for e in entries])]
 
 
 def _check_compatible(config: MergeConfig, checkpoints: dict[str, Checkpoint], reference_name: str,
@@ -407,6 +535,7 @@ class _TaskBuilder:
         self.donor = donor
         self.tasks: list[TensorTask] = []
         self.warnings: list[str] = []
+        self.module_parameters: Optional[dict] = None  # the module being planned, in a `modules` recipe
 
     def add_layer(self, output_slice: OutputSlice, stack: "arch.Stack", in_layers: list[int], out_layer: int,
                   position: float, text_layer: bool = True) -> None:
@@ -484,7 +613,7 @@ class _TaskBuilder:
         raise MergeError(f"no input has the {rows} vocabulary rows that '{infos[0].name}' needs")
 
     def _global_params(self, names: tuple[str, ...], output_slice: OutputSlice, position: float) -> dict:
-        scopes = [output_slice.parameters, self.config.parameters]
+        scopes = [output_slice.parameters, self.module_parameters, self.config.parameters]
         values = {}
         for parameter in self.method.global_parameters:
             value = params_mod.resolve(parameter.name, scopes, names, position)
@@ -493,7 +622,7 @@ class _TaskBuilder:
 
     def _model_params(self, model: str, names: tuple[str, ...], output_slice: OutputSlice, position: float) -> dict:
         own = [s.parameters for s in output_slice.sources if s.model == model]
-        scopes = own + [output_slice.parameters, self.config.parameters]
+        scopes = own + [output_slice.parameters, self.module_parameters, self.config.parameters]
         values = {}
         for parameter in self.method.model_parameters:
             value = params_mod.resolve(parameter.name, scopes, names, position)

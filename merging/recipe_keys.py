@@ -12,10 +12,11 @@ from typing import Optional
 
 from .errors import did_you_mean
 
-TOP_LEVEL = ("name", "merge_method", "base_model", "models", "slices", "parameters",
+TOP_LEVEL = ("name", "merge_method", "base_model", "models", "slices", "modules", "parameters",
              "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
 MODEL_ENTRY = ("model", "parameters")
 SLICE = ("sources", "base_model", "parameters")
+MODULE = ("slices", "models", "parameters")  # one entry of `modules:` (mergekit's OutputModuleDefinition)
 SOURCE = ("model", "layer_range", "parameters")
 TOKENIZER = ("source", "tokens", "pad_to_multiple_of")
 MODEL_REFERENCE = ("model", "lora", "override_architecture")  # a model given as a mapping

@@ -59,9 +59,11 @@ def test_filters_first_match_and_fall_through():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("merge_method: linear\nmodels: []\n", "exactly one of 'models' or 'slices'"),
+    ("merge_method: linear\nmodels: []\n", "exactly one of 'models', 'slices' or 'modules'"),
     ("merge_method: linear\nmodel:\n  - model: a/b\n", "unknown key 'model' (did you mean 'models'?)"),
-    ("merge_method: linear\nmodules: {}\n", "'modules' configs are not supported"),
+    ("merge_method: linear\nmodules: {}\n", "exactly one of 'models', 'slices' or 'modules'"),
+    ("merge_method: linear\nmodels: [{model: a/b}]\nmodules: {text_decoder: {models: [{model: a/b}]}}\n",
+     "exactly one of 'models', 'slices' or 'modules'"),
     ("models:\n  - model: a/b\n", "has no merge_method"),
     ("models:\n  - model: a/b\n  - model: a/b\nmerge_method: linear\n", "listed twice"),
     ("models:\n  - model: a/b\nmerge_method: ties\n", "ties needs a base_model"),

@@ -195,7 +195,10 @@ INVALID_FOR_MERGEKIT_TOO = {
     "two @": ("models:\n  - model: a/b@x@y\nmerge_method: linear\n", "has more than one '@'"),
     "two +": ("models:\n  - model: a/b+c/d+e/f\nmerge_method: linear\n", "has more than one '+'"),
     "a mapping without model": ("models:\n  - model: {path: a/b}\nmerge_method: linear\n", "needs a 'model' key"),
-    "modules": ("merge_method: linear\nmodules: {}\n", "'modules' configs are not supported"),
+    "empty modules": ("merge_method: linear\nmodules: {}\n", "exactly one of 'models', 'slices' or 'modules'"),
+    "a module with models and slices": (
+        "merge_method: linear\nmodules:\n  text_decoder:\n    models: [{model: a/b}]\n"
+        "    slices: [{sources: [{model: a/b, layer_range: [0, 2]}]}]\n", "modules.text_decoder: give either"),
     "no models": ("merge_method: linear\nmodel:\n  - model: a/b\n", "unknown key 'model' (did you mean 'models'?)"),
 }
 
@@ -208,9 +211,8 @@ def test_keys_mergekit_refuses_stay_errors(case):
     from merging import MergeConfig, MergeError
 
     text, message = INVALID_FOR_MERGEKIT_TOO[case]
-    if case != "modules":  # mergekit runs 'modules' configs; MergeLab does not (yet)
-        with pytest.raises(Exception):
-            MergeConfiguration.model_validate(yaml.safe_load(text))
+    with pytest.raises(Exception):
+        MergeConfiguration.model_validate(yaml.safe_load(text))
     with pytest.raises(MergeError, match=re.escape(message)):
         MergeConfig.from_yaml(text)
 

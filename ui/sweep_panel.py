@@ -40,7 +40,7 @@ def parameter_choices(recipe: str, quiet: bool = False):
         raise
     numeric = [p for p in config.method.parameters if p.kind in (float, int)]
     choices = [(f"{p.name} (everywhere)", p.name) for p in numeric if not p.per_model]
-    models = [m.model for m in config.models or []] + [s.model for sl in config.slices or [] for s in sl.sources]
+    models = [entry.model for entry in config.model_entries()]
     for parameter in (p for p in numeric if p.per_model):
         for model in dict.fromkeys(models):
             choices.append((f"{parameter.name} of {short_name(model)}", f"{parameter.name}@{model}"))
