@@ -448,8 +448,10 @@ class Layout:
         for name in names:
             module = structure.module_name(name)
             self.module_names[name] = module
-            self.by_module.setdefault(module, name)
-            parts = _stack_position(structure, name, module)
+            # renamed but not fused: each of Mixtral's experts keeps its own name here
+            renamed = _renamed(structure, name)
+            self.by_module.setdefault(renamed, name)
+            parts = _stack_position(structure, name, module, renamed)
             if parts is not None:
                 self.layers[name] = parts
                 self.by_layer.setdefault((parts.stack.role, parts.index), []).append(name)
@@ -483,11 +485,10 @@ class Layout:
         """The name `other` stores for what `name` is here (at layer `index` when given):
         the same module, whatever each checkpoint's naming."""
         parts = other.layers.get(name)
-        module = other.module_names.get(name, name)
         if parts is not None:
             wanted = parts.index if index is None else index
             return self.by_module_rest.get((parts.stack.role, wanted, parts.module_rest))
-        return self.by_module.get(module)
+        return self.by_module.get(_renamed(other.structure, name))
 
     def vocabulary_rows(self, tensors) -> Optional[int]:
         """Rows of the input embedding (one per token), else the config's vocab_size."""
@@ -580,14 +581,16 @@ def _order_index(structure: Structure) -> dict[str, int]:
     return order
 
 
-def _stack_position(structure: Structure, stored: str, module: str) -> Optional[LayerName]:
+def _stack_position(structure: Structure, stored: str, module: str, renamed: str) -> Optional[LayerName]:
     for stack in structure.stacks:
         head = stack.module + "."
         if not module.startswith(head):
             continue
-        index_text, _, module_rest = module[len(head):].partition(".")
+        index_text, _, _ = module[len(head):].partition(".")
         if not index_text.isdigit():
             continue
+        start = head + index_text + "."
+        module_rest = renamed[len(start):] if renamed.startswith(start) else module[len(start):]
         # find the same index in the stored name, after the stack's own last path part
         last = stack.module.rsplit(".", 1)[-1]
         parts = stored.split(".")

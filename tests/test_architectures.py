@@ -105,6 +105,9 @@ QWEN2_MOE_EXPERTS = "drops every routed expert; its output does not load"
 QWEN2_MOE_DEPTH = ("drops every routed expert, leaves the depth at 4 (layers 4-5 do not load) and takes the "
                    "final norm from the first slice")
 LLAVA_TEXT = "drops the language model; its output does not load"
+MIXTRAL_FUSED = ("merges all experts of a layer as one fused tensor (slerp's angle and TIES' top-k over every "
+                 "expert at once); ours merges each expert's stored tensor, so every expert keeps its own density "
+                 "and its own angle, as the files store them and as mergekit did before transformers 5")
 RECIPE_KINDS = tuple(RECIPES)
 MERGEKIT_FAILS: dict[tuple[str, str], str] = {
     **{(a, "passthrough"): LAYER_TYPES for a in ("qwen2", "qwen3", "gemma2", "gemma3", "gemma3_sliding")},
@@ -118,15 +121,10 @@ MERGEKIT_FAILS: dict[tuple[str, str], str] = {
     **{("qwen2_moe", r): QWEN2_MOE_EXPERTS for r in RECIPE_KINDS if r != "passthrough"},
     ("qwen2_moe", "passthrough"): QWEN2_MOE_DEPTH,
     **{("llava", r): LLAVA_TEXT for r in RECIPE_KINDS if r != "passthrough"},
+    **{("mixtral", r): MIXTRAL_FUSED for r in ("slerp_gradient", "ties")},
 }
-# Cells where OUR output is wrong today, listed so that the rest of the matrix stays a
-# guard; each must still be wrong (a fixed cell has to leave the table). merging/
-# architecture.py's Layout.counterpart finds a source tensor by (layer, module it loads
-# into), and transformers 5 loads every expert of a layer into one fused module, so each
-# expert tensor is merged from expert 0's gate (w1) or down (w2) projection instead of its own.
-# README.md's compatibility table marks these cells (footnote 10) until the fix.
-OURS_WRONG = {(a, r): "expert tensors merged from expert 0 (Layout.counterpart)"
-              for a in ("mixtral", "qwen2_moe", "qwen3_moe") for r in RECIPE_KINDS if r != "passthrough"}
+# Cells where OUR output is wrong (none today); each must still be wrong, so a fixed cell leaves.
+OURS_WRONG: dict = {}
 # what mergekit's verdict on a listed cell must contain
 SYMPTOMS = {
     LAYER_TYPES: "validate_layer_type",
@@ -140,6 +138,7 @@ SYMPTOMS = {
     QWEN2_MOE_EXPERTS: "missing",
     QWEN2_MOE_DEPTH: "unexpected_keys",
     LLAVA_TEXT: "missing",
+    MIXTRAL_FUSED: "experts.gate_up_proj: relative error",
 }
 
 
@@ -484,7 +483,10 @@ def _check_slerp(inputs, output, family, ours) -> list[str]:
     for name, tensor in output.items():
         found = _stack_of(name)
         position = found[1] / (depths[found[0]] - 1) if found else 0.0
-        t = next((_gradient(values, position) for key, values in gradients.items() if key in name), 0.5)
+        # Mixtral stores its experts and router under block_sparse_moe; mergekit's mixtral.json (and
+        # transformers) name them mlp.*, so `filter: mlp` is meant for them too
+        matched = name.replace(".block_sparse_moe.", ".mlp.")
+        t = next((_gradient(values, position) for key, values in gradients.items() if key in matched), 0.5)
         problems += _compare(name, tensor, _slerp(t, inputs["base"][name], inputs["child_1"][name]), f"slerp t={t}")
         checked_vision |= bool(found) and not _is_text_stack(found[0]) and t not in (0.5,)
     if any(not _is_text_stack(prefix) for prefix in depths) and not checked_vision:
