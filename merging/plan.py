@@ -33,6 +33,7 @@ LOADER_FIELDS = (("hidden_size", ("hidden_size", "n_embd", "d_model")),
 # Beside the tensors and the donor's tokenizer files: config.json, the model card and the
 # recipe (a few KB), the shard index and each shard's header (about a hundred bytes a tensor).
 METADATA_MARGIN_BYTES = 1_000_000
+MAX_PAD_TO_MULTIPLE_OF = 65_536
 HEADER_BYTES_PER_TENSOR = 256
 
 
@@ -484,23 +485,39 @@ def _align_vocabularies(config: MergeConfig, checkpoints: dict[str, Checkpoint],
     inner = {m: c.inner if isinstance(c, AlignedCheckpoint) else c for m, c in checkpoints.items()}
     union = _tokenizer_source(config) == "union"
     base = config.base_model or donor
-    alignment = align_vocabularies(inner, models, base, donor, union)
+    pad = _pad_to_multiple_of(config)
+    alignment = align_vocabularies(inner, models, base, donor, union, pad)
     if alignment is None:
         return inner, None
     added = f", {len(alignment.new_tokens)} tokens added to '{donor}'s" if union else f" of '{donor}'"
+    padded = (f"; rows {alignment.padded_from}-{alignment.rows - 1} pad to a multiple of {pad}, each model's mean "
+              "token row" if alignment.padded_from is not None and alignment.padded_from < alignment.rows else "")
     warnings.append(f"vocabularies differ: embedding and lm_head rows matched by token onto the vocabulary"
                     f"{added} ({alignment.rows} rows; a token a model lacks takes the base's row, else the "
-                    "only model's that has it, else their mean)")
+                    f"only model's that has it, else their mean{padded})")
     shared = dict(inner)
     return {m: AlignedCheckpoint(shared[m], m, alignment, shared) if m in models else c
             for m, c in inner.items()}, alignment
 
 
+def _pad_to_multiple_of(config: MergeConfig) -> Optional[int]:
+    """tokenizer.pad_to_multiple_of: the output's vocabulary rows rounded up to a multiple."""
+    value = (config.tokenizer or {}).get("pad_to_multiple_of") if isinstance(config.tokenizer, dict) else None
+    if value is None:
+        return None
+    if type(value) is not int or not 1 <= value <= MAX_PAD_TO_MULTIPLE_OF:
+        raise MergeError(f"tokenizer.pad_to_multiple_of must be a whole number from 1 to "
+                         f"{MAX_PAD_TO_MULTIPLE_OF}, got {value!r}")
+    return value
+
+
 def _tokenizer_donor(config: MergeConfig, slices: list[OutputSlice]) -> Optional[str]:
     source = _tokenizer_source(config)
-    unsupported = sorted(set(config.tokenizer or {}) - {"source"})
+    unsupported = sorted(set(config.tokenizer or {}) - {"source", "pad_to_multiple_of"})
     if unsupported:
-        raise MergeError(f"tokenizer.{unsupported[0]} is not supported yet; only tokenizer.source is")
+        raise MergeError(f"tokenizer.{unsupported[0]} is not supported yet; tokenizer.source and "
+                         "tokenizer.pad_to_multiple_of are")
+    _pad_to_multiple_of(config)
     if source in (None, "base", "union"):
         return config.base_model or slices[0].sources[0].model
     if source not in config.referenced_models():

@@ -11,6 +11,9 @@ from helpers import assert_same_config, load_tensors, max_relative_error, run_cl
 from merging import MergeConfig, merge
 
 TOLERANCE = 1e-5
+# mergekit's own union output moves by ~5e-5 from run to run on the rows of tokens only one
+# model has (measured; tests/test_recipes.py compares its multi-stage union at 1e-4 too)
+LOOSER = {"tokenizer_union_pad_to_multiple_of": 1e-4}
 
 CONFIGS = {
     "linear": """
@@ -288,6 +291,31 @@ merge_method: linear
 dtype: float32
 out_dtype: bfloat16
 """,
+    "tokenizer_pad_to_multiple_of": """
+models:
+  - model: {c1}
+    parameters: {{weight: 0.6}}
+  - model: {c2}
+    parameters: {{weight: 0.4}}
+merge_method: task_arithmetic
+base_model: {base}
+tokenizer:
+  source: base
+  pad_to_multiple_of: 64
+dtype: float32
+""",
+    "tokenizer_union_pad_to_multiple_of": """
+models:
+  - model: {c1}
+    parameters: {{weight: 0.5}}
+  - model: {more_vocab}
+    parameters: {{weight: 0.5}}
+merge_method: linear
+tokenizer:
+  source: union
+  pad_to_multiple_of: 40
+dtype: float32
+""",
 }
 
 
@@ -296,7 +324,7 @@ def test_equal_to_mergekit(case, tiny, tmp_path):
     text = CONFIGS[case].format(**{k: tiny.path(k) for k in tiny})
     theirs = run_mergekit(text, tmp_path / "mergekit")
     ours = merge(MergeConfig.from_yaml(text), tmp_path / "ours", device="cpu")
-    assert max_relative_error(load_tensors(ours), load_tensors(theirs)) < TOLERANCE
+    assert max_relative_error(load_tensors(ours), load_tensors(theirs)) < LOOSER.get(case, TOLERANCE)
     assert_same_config(ours, theirs)
 
 

@@ -25,6 +25,7 @@ from ..errors import MergeError
 from .tensors import Checkpoint
 
 MISSING = -1
+PADDING = -2  # a row past the output tokenizer's tokens (tokenizer.pad_to_multiple_of)
 
 
 _VOCABULARIES: dict = {}  # (folder, tokenizer file digest) -> vocabulary: live sessions re-plan often
@@ -61,6 +62,7 @@ class VocabularyAlignment:
     sources: dict[str, torch.Tensor]  # model -> (rows,) source row per output row, MISSING where absent
     base: str
     new_tokens: list[tuple[str, bool]] = field(default_factory=list)  # union: (token, special) to add
+    padded_from: Optional[int] = None  # rows from here on are padding: each model's mean token row
     _fills: dict = field(default_factory=dict, repr=False)
 
     def fill_rows(self, name: str, read_all) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +75,7 @@ class VocabularyAlignment:
             return cached
         raw = read_all()
         present = torch.stack([self.sources[m] != MISSING for m in self.sources])  # (models, rows)
-        needed = (~present).any(0).nonzero().flatten()
+        needed = (~present).any(0).nonzero().flatten()  # padding rows count as present: filled later
         width = next(iter(raw.values())).shape[1:]
         total = torch.zeros((len(needed),) + tuple(width))
         count = torch.zeros(len(needed))
@@ -91,11 +93,16 @@ class VocabularyAlignment:
 
 
 def align_vocabularies(checkpoints: dict[str, Checkpoint], models: list[str], base: str, donor: str,
-                       union: bool) -> Optional[VocabularyAlignment]:
+                       union: bool, pad_to_multiple_of: Optional[int] = None) -> Optional[VocabularyAlignment]:
     """The alignment when the models' vocabularies differ (by token or by row count); None
-    when they agree, or when a model has no tokenizer to match tokens by."""
+    when they agree, or when a model has no tokenizer to match tokens by.
+
+    With `pad_to_multiple_of` m (mergekit's tokenizer.pad_to_multiple_of) the output has
+    exactly the output tokenizer's n tokens, then rows up to ceil(n / m) m, each model's
+    padding rows being the mean of its n token rows (so the merge of them is the mean too)."""
     rows = {m: checkpoints[m].layout.vocabulary_rows(checkpoints[m].tensors) for m in models}
-    if len(set(rows.values())) == 1 and len({_tokenizer_fingerprint(checkpoints[m]) for m in models}) == 1:
+    if pad_to_multiple_of is None and len(set(rows.values())) == 1 and \
+            len({_tokenizer_fingerprint(checkpoints[m]) for m in models}) == 1:
         return None  # the same rows and the same tokenizer files: nothing to align (and no tokenizer loaded)
     vocabularies = {m: read_vocabulary(checkpoints[m]) for m in models}
     if any(v is None for v in vocabularies.values()) or any(r is None for r in rows.values()):
@@ -105,7 +112,7 @@ def align_vocabularies(checkpoints: dict[str, Checkpoint], models: list[str], ba
         return None
     tokens = {m: v[0] for m, v in vocabularies.items()}
     same = all(tokens[m] == tokens[donor] and rows[m] == rows[donor] for m in models)
-    if same and not union:
+    if same and not union and pad_to_multiple_of is None:
         return None
     out_tokens = dict(tokens[donor])
     new_tokens: list[tuple[str, bool]] = []
@@ -115,7 +122,13 @@ def align_vocabularies(checkpoints: dict[str, Checkpoint], models: list[str], ba
                 if token not in out_tokens and index < rows[model]:
                     out_tokens[token] = len(tokens[donor]) + len(new_tokens)
                     new_tokens.append((token, vocabularies[model][1].get(token, False)))
-    out_rows = max(rows[donor], len(tokens[donor]) + len(new_tokens))
+    real_rows = len(tokens[donor]) + len(new_tokens)
+    padded_from = None
+    if pad_to_multiple_of:
+        out_rows = -(-real_rows // pad_to_multiple_of) * pad_to_multiple_of
+        padded_from = real_rows
+    else:
+        out_rows = max(rows[donor], real_rows)
     by_row: list[Optional[str]] = [None] * out_rows
     for token, index in out_tokens.items():
         if index < out_rows:
@@ -125,10 +138,13 @@ def align_vocabularies(checkpoints: dict[str, Checkpoint], models: list[str], ba
         vocabulary, limit = tokens[model], rows[model]
         source = torch.full((out_rows,), MISSING, dtype=torch.long)
         for row, token in enumerate(by_row):
+            if padded_from is not None and row >= padded_from:
+                source[row] = PADDING
+                continue
             index = vocabulary.get(token, MISSING) if token is not None else row  # padding rows keep their place
             source[row] = index if index < limit else MISSING
         sources[model] = source
-    return VocabularyAlignment(out_rows, sources, base, new_tokens)
+    return VocabularyAlignment(out_rows, sources, base, new_tokens, padded_from)
 
 
 def _tokenizer_fingerprint(checkpoint: Checkpoint) -> Optional[bytes]:
@@ -173,12 +189,15 @@ class AlignedCheckpoint(Checkpoint):
         own = self.inner.read(name)
         source = self.alignment.sources[self.model]
         out = torch.empty((self.alignment.rows,) + tuple(own.shape[1:]))
-        present = source != MISSING
+        present = source >= 0
         out[present] = own[source[present]].float()
         needed, fill = self.alignment.fill_rows(name, lambda: {
             m: c.read(name) if c.has(name) else c.read(_tied(c, name)) for m, c in self.others.items()})
         missing_here = source[needed] == MISSING
         out[needed[missing_here]] = fill[missing_here]
+        padded_from = self.alignment.padded_from
+        if padded_from is not None and padded_from < len(out):
+            out[padded_from:] = out[:padded_from].mean(0)
         return out
 
     def release(self, name: str, first_byte: int = 0, end_byte: Optional[int] = None) -> None:
