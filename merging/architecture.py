@@ -43,8 +43,6 @@ MODULE_TYPES = (  # substring -> short module kind; the first match wins
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
               "head_dim")
 TEXT_ROLE = "text_decoder"
-# Per-layer config lists hold one entry per layer; index lists name layers by number.
-INDEX_LIST_KEYS = ("mlp_only_layers",)
 
 
 @dataclass(frozen=True)

@@ -380,13 +380,31 @@ def output_config(reference_config: dict, layout: "arch.Layout", origins: list[t
         # Qwen2 counts sliding-window layers from the bottom; it cannot exceed the depth
         if isinstance(scope.get("max_window_layers"), int) and scope["max_window_layers"] > depth:
             scope["max_window_layers"] = depth
-        for key in arch.INDEX_LIST_KEYS:  # lists of layer numbers, renumbered
-            if isinstance(scope.get(key), list):
-                base_scope = arch.config_value(reference_config, text.depth_key[:-1]) if len(text.depth_key) > 1 \
-                    else reference_config
-                chosen = set(base_scope.get(key) or [])
-                scope[key] = [j for j, (_, index) in enumerate(origins) if index in chosen]
+        if "decoder_sparse_step" in scope or "mlp_only_layers" in scope:
+            _follow_sparse_layers(scope, origins, text, reference_config, configs)
     return out_config
+
+
+def _follow_sparse_layers(scope: dict, origins: list[tuple[str, int]], text: "arch.Stack", reference_config: dict,
+                          configs: dict[str, dict]) -> None:
+    """Qwen-MoE's rule for which layers have experts: layer i does unless i is in
+    mlp_only_layers or (i + 1) is not a multiple of decoder_sparse_step. Output layer j keeps
+    the kind of the layer it came from: the base's step when it still describes them,
+    else step 1 with every dense layer listed."""
+    def sparse(model: str, index: int) -> bool:
+        source = configs.get(model, reference_config)
+        source = arch.config_value(source, text.depth_key[:-1]) if len(text.depth_key) > 1 else source
+        step = source.get("decoder_sparse_step") or 1
+        return index not in (source.get("mlp_only_layers") or []) and (index + 1) % step == 0
+
+    kinds = [sparse(model, index) for model, index in origins]
+    step = scope.get("decoder_sparse_step") or 1
+    dense = [j for j, kind in enumerate(kinds) if not kind and (j + 1) % step == 0]
+    if any(kind != (j not in dense and (j + 1) % step == 0) for j, kind in enumerate(kinds)):
+        step, dense = 1, [j for j, kind in enumerate(kinds) if not kind]
+        if "decoder_sparse_step" in scope:
+            scope["decoder_sparse_step"] = step
+    scope["mlp_only_layers"] = dense
 
 
 def _follow_layers(out_config: dict, stack: "arch.Stack", origins: list[tuple[str, int]], reference_config: dict,

@@ -569,3 +569,30 @@ def test_architecture_model_reads_every_family(families):
     mixtral = layout_of(open_model(str(families["mixtral"]["base"])))
     router = next(n for n in mixtral.layer_tensors(0) if n.endswith("block_sparse_moe.gate.weight"))
     assert any("mlp" in name for name in mixtral.match_names(router))  # `filter: mlp` finds experts and router
+
+
+def test_a_frankenmerge_keeps_each_layers_experts_or_dense_mlp(arch_families, tmp_path):
+    """Qwen2-MoE's layers alternate dense and sparse (decoder_sparse_step 2: layers 1 and 3
+    have experts). Slices that break the alternation get step 1 and the dense layers listed,
+    so every output layer loads with the MLP its source layer had."""
+    from merging import merge
+
+    family = arch_families["qwen2_moe"]
+    text = f"""
+slices:
+  - sources:
+      - model: {family['base']}
+        layer_range: [1, 3]
+  - sources:
+      - model: {family['child_1']}
+        layer_range: [0, 2]
+merge_method: passthrough
+dtype: float32
+"""
+    out = merge(text, tmp_path / "out", device="cpu")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["decoder_sparse_step"], config["mlp_only_layers"]) == (1, [1, 2])
+    _loads_and_runs("qwen2_moe", out)
+    tensors = load_tensors(out)
+    assert any(".layers.0.mlp.experts." in name for name in tensors)  # base layer 1: sparse
+    assert not any(".layers.1.mlp.experts." in name for name in tensors)  # base layer 2: dense
