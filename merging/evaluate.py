@@ -105,7 +105,8 @@ def probe_scorer(probes: Sequence[Probe], **kwargs) -> Scorer:
 LAYER_RANGE = re.compile(r"^layers:(\d+)-(\d+)$")
 
 
-def with_parameter(config: MergeConfig, parameter: str, value, layers: Optional[int] = None) -> MergeConfig:
+def with_parameter(config: MergeConfig, parameter: str, value, layers: Optional[int] = None,
+                   filters: Optional[tuple[str, str]] = None) -> MergeConfig:
     """A copy of `config` with one parameter set everywhere it applies.
 
     `name` sets a top-level parameter (replacing a gradient or filter list by the value);
@@ -119,15 +120,15 @@ def with_parameter(config: MergeConfig, parameter: str, value, layers: Optional[
     layer_range = LAYER_RANGE.match(model)
     if layer_range:
         from .layer_values import edit_range, expand, points_from_config, with_layer_points
-        from .pipeline import plan_stages
 
         first, last = int(layer_range[1]), int(layer_range[2])
-        count = layers or plan_stages(config)[0].num_layers
+        if layers is None or filters is None:
+            layers, filters = layer_facts(config)
         if (config.parameters or {}).get(name) is None:
             raise MergeError(f"the recipe sets no top-level '{name}' to change on layers {first}-{last}")
-        per_module = [edit_range(expand(points, count), "set", first, last, float(value), low=None, high=None)
-                      for points in points_from_config(config, name)]
-        return with_layer_points(changed, name, *per_module)
+        per_module = [edit_range(expand(points, layers), "set", first, last, float(value), low=None, high=None)
+                      for points in points_from_config(config, name, filters)]
+        return with_layer_points(changed, name, *per_module, filters=filters)
     if not model:
         changed.parameters = {**(changed.parameters or {}), name: value}
         changed.drop_shadowing(name)  # a slice's or module's own value would shadow it
@@ -145,12 +146,19 @@ def with_parameter(config: MergeConfig, parameter: str, value, layers: Optional[
 def sweep_points(config, parameter: str, values: Sequence) -> list[MergeConfig]:
     """The recipe at each value (see `with_parameter`), every one checked before any work."""
     config = load_config(config)
-    layers = None
+    layers = filters = None
     if LAYER_RANGE.match(parameter.partition("@")[2]):
-        from .pipeline import plan_stages
+        layers, filters = layer_facts(config)  # once, not per point
+    return [with_parameter(config, parameter, value, layers, filters) for value in values]
 
-        layers = plan_stages(config)[0].num_layers  # once, not per point
-    return [with_parameter(config, parameter, value, layers) for value in values]
+
+def layer_facts(config) -> tuple[int, tuple[str, str]]:
+    """The merge's text layers and the (attention, MLP) filters that match its blocks."""
+    from .layer_values import module_filters
+    from .pipeline import plan_stages
+
+    plan = plan_stages(config)[0]
+    return plan.num_layers, module_filters(plan)
 
 
 def iter_sweep(config, parameter: str, values: Sequence, scorers: dict[str, Scorer], *, live=None,

@@ -13,7 +13,22 @@ from .config import MergeConfig
 from .errors import MergeError
 from .parameters import gradient_value
 
-FILTERS = ("self_attn", "mlp", None)
+FILTERS = ("self_attn", "mlp")  # what LazyMergekit writes for Llama-style models
+ATTENTION_NAMES = ("self_attn", "self_attention", "attention", "attn")  # Llama, Falcon, GPT-NeoX, GPT-2
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def module_filters(plan) -> tuple[str, str]:
+    """The (attention, MLP) filter texts that match this merge's text blocks: mergekit
+    filters are substrings, and architectures name their attention differently."""
+    reference = plan.config.base_model or plan.config.referenced_models()[0]
+    layout = plan.checkpoints[reference].layout
+    names = [match for name in layout.layer_tensors(0) for match in layout.match_names(name)]
+
+    def first(options: tuple[str, ...], default: str) -> str:
+        return next((option for option in options if any(option in name for name in names)), default)
+
+    return first(ATTENTION_NAMES, FILTERS[0]), first(MLP_NAMES, FILTERS[1])
 
 
 def _setting(values: list[float]):
@@ -21,12 +36,13 @@ def _setting(values: list[float]):
 
 
 def with_layer_points(config: MergeConfig, name: str, attention: list[float], mlp: list[float],
-                      other: list[float]) -> MergeConfig:
-    """The config with `name` set as [self_attn points, mlp points, the rest]."""
+                      other: list[float], filters: tuple[str, str] = FILTERS) -> MergeConfig:
+    """The config with `name` set as [attention points, mlp points, the rest], the first two
+    as `filters` (see module_filters)."""
     changed = copy.deepcopy(config)
     changed.parameters = {**(changed.parameters or {}), name: [
-        {"filter": "self_attn", "value": _setting(attention)},
-        {"filter": "mlp", "value": _setting(mlp)},
+        {"filter": filters[0], "value": _setting(attention)},
+        {"filter": filters[1], "value": _setting(mlp)},
         {"value": _setting(other)},
     ]}
     # a slice's own value would shadow the new one; in a `modules` recipe the per-layer values
@@ -36,7 +52,8 @@ def with_layer_points(config: MergeConfig, name: str, attention: list[float], ml
     return changed
 
 
-def points_from_config(config: MergeConfig, name: str) -> tuple[list[float], list[float], list[float]]:
+def points_from_config(config: MergeConfig, name: str, filters: tuple[str, str] = FILTERS
+                       ) -> tuple[list[float], list[float], list[float]]:
     """Read (attention, MLP, other) control points back from the top-level parameter."""
     setting = (config.parameters or {}).get(name)
     if setting is None:
@@ -54,7 +71,7 @@ def points_from_config(config: MergeConfig, name: str) -> tuple[list[float], lis
         found.setdefault(key, values(entry["value"]))
     fallback = found.get(None)
     result = []
-    for key in FILTERS:
+    for key in tuple(filters) + (None,):
         if key in found or fallback is not None:
             result.append(found.get(key, fallback))
         else:

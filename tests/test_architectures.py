@@ -596,3 +596,20 @@ dtype: float32
     tensors = load_tensors(out)
     assert any(".layers.0.mlp.experts." in name for name in tensors)  # base layer 1: sparse
     assert not any(".layers.1.mlp.experts." in name for name in tensors)  # base layer 2: dense
+
+
+def test_per_layer_values_reach_every_architectures_attention(arch_families):
+    """The app's per-layer controls and layer-range sweeps write filters that match the
+    model's own names: GPT-2's attn, Falcon's self_attention, GPT-NeoX's attention."""
+    from merging import MergeConfig, plan_stages
+    from merging.evaluate import with_parameter
+
+    for architecture, attention in (("gpt2", "attn"), ("falcon", "self_attention"), ("gpt_neox", "attention"),
+                                    ("llama", "self_attn")):
+        family = arch_families[architecture]
+        config = MergeConfig.from_yaml(f"models:\n  - model: {family['base']}\n  - model: {family['child_1']}\n"
+                                       f"merge_method: slerp\nbase_model: {family['base']}\nparameters: {{t: 0.5}}\n")
+        plan = plan_stages(with_parameter(config, "t@layers:1-2", 0.9))[0]
+        changed = [t for t in plan.tasks if t.params["t"] == 0.9]
+        assert changed and all(t.layer in (1, 2) for t in changed), architecture
+        assert any(attention in t.name for t in changed) and any("mlp" in t.name for t in changed), architecture

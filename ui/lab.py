@@ -15,7 +15,7 @@ import gradio as gr
 from merging import MergeConfig, MultiStageConfig, MergeError
 from merging.analysis import METRICS, diagnose_plan, heatmap
 from merging.config import recipe_from_text
-from merging.evaluate import with_parameter
+from merging.evaluate import layer_facts, with_parameter
 from merging.generation import Sampling, stream
 from merging.layer_values import edit_range, expand, points_from_config, with_layer_points
 from merging.limits import (check as check_limit, clamp_check, finite_number, is_public_deployment, limit,
@@ -209,7 +209,7 @@ def show_diagnostics(recipe: str, metric: str, request: gr.Request = None):
 
 
 def _layer_count(config: MergeConfig) -> int:
-    return plan_stages(config)[0].num_layers
+    return layer_facts(config)[0]
 
 
 def _names(config: MergeConfig) -> tuple[str, str]:
@@ -221,15 +221,16 @@ def _names(config: MergeConfig) -> tuple[str, str]:
 def set_layers(recipe: str, attention: str, mlp: str, other: str, request: gr.Request = None):
     """Write the per-layer control points into the recipe as a filter list; show the values."""
     config = _config(recipe)
-    return _write_points(config, attention, mlp, other, _layer_count(config))
+    return _write_points(config, attention, mlp, other, *layer_facts(config))
 
 
-def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, count: int):
+def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, count: int,
+                  filters: tuple[str, str]):
     """The recipe with these control points for t, and the per-layer values they give
     (setting t never changes the layer count, so the caller's count serves)."""
     points = [layers.parse_points(text, label) for text, label in
               ((attention, "attention"), (mlp, "MLP"), (other, "other"))]
-    changed = with_layer_points(config, "t", *points)
+    changed = with_layer_points(config, "t", *points, filters=filters)
     return changed.to_yaml(), layers.values_figure(*points, count, _names(changed))
 
 
@@ -237,8 +238,9 @@ def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, cou
 def read_layers(recipe: str, request: gr.Request = None):
     """The recipe's t as control points for attention, MLP and the rest, and their values."""
     config = _config(recipe)
-    points = points_from_config(config, "t")
-    figure = layers.values_figure(*points, _layer_count(config), _names(config))
+    count, filters = layer_facts(config)
+    points = points_from_config(config, "t", filters)
+    figure = layers.values_figure(*points, count, _names(config))
     return (*[layers.format_points(p) for p in points], figure)
 
 
@@ -253,7 +255,7 @@ def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, 
                 first: float, last: float, amount: float, request: gr.Request = None):
     """set / add / multiply one module type's t on a range of layers (one value per layer)."""
     config = _config(recipe)
-    count = _layer_count(config)
+    count, filters = layer_facts(config)
     texts = {"attention": attention, "MLP": mlp, "other": other}
     if module not in texts:
         raise MergeError(f"unknown module type '{module}'")
@@ -263,7 +265,7 @@ def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, 
     first, last = whole_number(first, "from layer"), whole_number(last, "to layer")
     texts[module] = layers.format_points(
         edit_range(expand(points, count), operation, first, last, finite_number(amount, "amount")))
-    changed_recipe, figure = _write_points(config, texts["attention"], texts["MLP"], texts["other"], count)
+    changed_recipe, figure = _write_points(config, texts["attention"], texts["MLP"], texts["other"], count, filters)
     return texts["attention"], texts["MLP"], texts["other"], changed_recipe, figure
 
 
