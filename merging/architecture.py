@@ -98,6 +98,7 @@ class UnknownArchitecture(MergeError):
 # the structure of an architecture
 
 STRUCTURES: dict[str, Structure] = {}  # cache key -> structure, learned once per process
+MAX_LEARNED = 64
 _STRUCTURES_LOCK = threading.Lock()
 # What is known of the architectures people merge, shipped so that planning a merge does not
 # import transformers (4 s here); `python -m merging.architecture` rebuilds it.
@@ -114,6 +115,8 @@ def structure_of(config: dict, reference: str = "") -> Structure:
         return known
     learned = _learn_structure(config, reference)
     with _STRUCTURES_LOCK:
+        if len(STRUCTURES) >= MAX_LEARNED:  # keys come from visitors' config.json files: bounded
+            STRUCTURES.pop(next(iter(STRUCTURES)))
         return STRUCTURES.setdefault(key, learned)
 
 
