@@ -126,6 +126,16 @@ def test_an_adapter_on_the_fly_equals_the_model_peft_merged(tiny, adapter, tmp_p
     assert not list(tmp_path.glob("m/*adapter*"))  # nothing of the adapter materialized on disk
 
 
+def test_an_adapter_for_another_model_is_refused_when_opened(tiny, adapter):
+    """The adapter was trained on a 32-wide base; on the 64-wide model B @ A has the wrong
+    shape, and that is said when the model is opened, before any merge work."""
+    from merging import MergeError
+
+    folder, _ = adapter
+    with pytest.raises(MergeError, match=r"does not give the base's shape \[64, 64\]|replaces .* with shape"):
+        open_model(f"{tiny.path('wide')}+{folder}")
+
+
 def test_an_adapter_over_a_base_known_by_its_headers_fetches_the_base(tiny, adapter):
     """A base+adapter planned before the base's weights are down (a hub base, without
     download_weights) opens the base again with weights when fetched."""

@@ -80,9 +80,30 @@ class LoraCheckpoint(Checkpoint):
                 rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
                 alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
                 scale = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
-                self.updates[self._target(module + ".weight", reference)] = (key, b_key, scale, embedding)
+                target = self._target(module + ".weight", reference)
+                self._check_shapes(target, key, b_key, embedding, reference)
+                self.updates[target] = (key, b_key, scale, embedding)
             elif ".lora_" not in name:
-                self.replacements[self._target(name, reference)] = key
+                target = self._target(name, reference)
+                if self.adapter.tensors[key].shape != self.base.tensors[target].shape:
+                    raise MergeError(f"adapter '{reference}' replaces '{target}' with shape "
+                                     f"{list(self.adapter.tensors[key].shape)}, the base has "
+                                     f"{list(self.base.tensors[target].shape)}")
+                self.replacements[target] = key
+
+    def _check_shapes(self, target: str, a_key: str, b_key: str, embedding: bool, reference: str) -> None:
+        """B @ A must have the base weight's shape (transposed for embeddings and fan_in_fan_out):
+        a wrong adapter is refused when opened, not halfway through a merge."""
+        if b_key not in self.adapter.tensors:
+            raise MergeError(f"adapter '{reference}' has {a_key} but no {b_key}")
+        a, b = self.adapter.tensors[a_key].shape, self.adapter.tensors[b_key].shape
+        product = (b[0], a[1]) if len(a) == 2 and len(b) == 2 and b[1] == a[0] else None
+        if product is not None and (embedding or self.fan_in_fan_out):
+            product = product[::-1]
+        wanted = tuple(self.base.tensors[target].shape)
+        if product != wanted:
+            raise MergeError(f"adapter '{reference}' changes '{target}' by B {list(b)} @ A {list(a)}, which does "
+                             f"not give the base's shape {list(wanted)} (an adapter for another model?)")
 
     def _target(self, name: str, reference: str) -> str:
         if name in self.base.tensors:
