@@ -85,7 +85,7 @@ BAD_CONFIGS = {
     "different depths": ("models:\n  - model: {c1}\n    parameters: {{weight: 1}}\n  - model: {deep}\n"
                          "    parameters: {{weight: 1}}\nmerge_method: linear\n", "use slices"),
     "yaml syntax": ("models: [\nmerge_method: linear\n", "not valid YAML"),
-    "both models and slices": ("merge_method: linear\n", "exactly one of 'models' or 'slices'"),
+    "both models and slices": ("merge_method: linear\n", "exactly one of 'models', 'slices' or 'modules'"),
     "bad dtype": ("models:\n  - model: {c1}\nmerge_method: passthrough\ndtype: float8\n",
                   "dtype must be one of"),
     "unequal slice sources": ("slices:\n  - sources:\n      - model: {c1}\n        layer_range: [0, 2]\n"

@@ -891,7 +891,7 @@ def test_a_stage_named_like_a_demo_model_stays_in_its_session_folder_which_idle_
     # another visitor cannot name that folder, nor a link out of its own
     other = RawVisitor(server.url)
     stage = next(folder.rglob("config.json")).parent
-    message = other.call("check_recipe", [recipe(str(stage), world.demo("json"))])
+    message = other.call("check_recipe", [recipe(str(stage), world.demo("json")), False])
     assert "local paths are disabled" in error_of(message), message
     rss_with_session = server.rss_mb()
     assert wait_until(lambda: not folder.exists(), 8 + 45, every=0.5), \
@@ -910,9 +910,9 @@ def test_a_link_inside_a_session_folder_leads_nowhere_else(world):
     try:
         (folder / "out").symlink_to(world.model)
         (folder / "in").symlink_to(world.family["json"])
-        message = visitor.call("check_recipe", [recipe(str(folder / "out"), world.demo("json"))])
+        message = visitor.call("check_recipe", [recipe(str(folder / "out"), world.demo("json")), False])
         assert "local paths are disabled" in error_of(message), message
-        message = visitor.call("check_recipe", [recipe(str(folder / "in"), world.demo("json"))])
+        message = visitor.call("check_recipe", [recipe(str(folder / "in"), world.demo("json")), False])
         assert message.get("success"), error_of(message)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
