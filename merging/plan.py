@@ -377,12 +377,34 @@ def output_config(reference_config: dict, layout: "arch.Layout", origins: list[t
         _follow_layers(out_config, stack, stack_origins, reference_config, configs)
     scope = arch.config_value(out_config, text.depth_key[:-1]) if len(text.depth_key) > 1 else out_config
     if isinstance(scope, dict):
-        # Qwen2 counts sliding-window layers from the bottom; it cannot exceed the depth
-        if isinstance(scope.get("max_window_layers"), int) and scope["max_window_layers"] > depth:
-            scope["max_window_layers"] = depth
+        if isinstance(scope.get("max_window_layers"), int):
+            _follow_window_layers(scope, origins, text, reference_config, configs)
         if "decoder_sparse_step" in scope or "mlp_only_layers" in scope:
             _follow_sparse_layers(scope, origins, text, reference_config, configs)
     return out_config
+
+
+def _follow_window_layers(scope: dict, origins: list[tuple[str, int]], text: "arch.Stack", reference_config: dict,
+                          configs: dict[str, dict]) -> None:
+    """Qwen2's rule without layer_types: with use_sliding_window, layer i slides its window
+    when i >= max_window_layers. Output layer j keeps its source layer's kind: a count when
+    the full layers still come first, else the kinds written out as layer_types."""
+    depth = len(origins)
+    if "layer_types" in scope or not scope.get("use_sliding_window"):
+        scope["max_window_layers"] = min(scope["max_window_layers"], depth)  # layer_types says it all
+        return
+
+    def sliding(model: str, index: int) -> bool:
+        source = configs.get(model, reference_config)
+        source = arch.config_value(source, text.depth_key[:-1]) if len(text.depth_key) > 1 else source
+        return bool(source.get("use_sliding_window")) and index >= source.get("max_window_layers", depth)
+
+    kinds = [sliding(model, index) for model, index in origins]
+    full = next((j for j, kind in enumerate(kinds) if kind), depth)
+    if all(kinds[full:]):
+        scope["max_window_layers"] = full
+    else:
+        scope["layer_types"] = ["sliding_attention" if kind else "full_attention" for kind in kinds]
 
 
 def _follow_sparse_layers(scope: dict, origins: list[tuple[str, int]], text: "arch.Stack", reference_config: dict,

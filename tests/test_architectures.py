@@ -613,3 +613,22 @@ def test_per_layer_values_reach_every_architectures_attention(arch_families):
         changed = [t for t in plan.tasks if t.params["t"] == 0.9]
         assert changed and all(t.layer in (1, 2) for t in changed), architecture
         assert any(attention in t.name for t in changed) and any("mlp" in t.name for t in changed), architecture
+
+
+def test_a_frankenmerge_keeps_each_layers_attention_window(tmp_path):
+    """A Qwen2 config of transformers 4 (no layer_types): with use_sliding_window, layers from
+    max_window_layers up slide. The output's layers keep their sources' kinds: a new count when
+    the full layers still come first, else the kinds written out as layer_types."""
+    from merging.architecture import Layout, structure_of
+    from merging.plan import output_config
+
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 4,
+              "use_sliding_window": True, "max_window_layers": 2, "sliding_window": 16, "hidden_size": 32,
+              "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
+    layout = Layout(structure_of(config), [], config)
+    stacked = output_config(config, layout, [("a", 0), ("a", 1), ("a", 1), ("a", 2), ("a", 3)], {"a": config})
+    assert stacked["max_window_layers"] == 3 and "layer_types" not in stacked
+    mixed = output_config(config, layout, [("a", 2), ("a", 0), ("a", 3)], {"a": config})
+    assert mixed["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    from transformers import Qwen2Config
+    assert Qwen2Config(**mixed).layer_types == mixed["layer_types"]
