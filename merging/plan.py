@@ -372,7 +372,6 @@ def output_config(reference_config: dict, layout: "arch.Layout", origins: list[t
     `modules` recipe's towers have theirs in `tower_origins` (stack -> origins)."""
     out_config = json.loads(json.dumps(reference_config))
     text = layout.text
-    depth = len(origins)
     for stack, stack_origins in [(text, origins)] + list((tower_origins or {}).items()):
         _follow_layers(out_config, stack, stack_origins, reference_config, configs)
     scope = arch.config_value(out_config, text.depth_key[:-1]) if len(text.depth_key) > 1 else out_config

@@ -208,10 +208,6 @@ def show_diagnostics(recipe: str, metric: str, request: gr.Request = None):
     return heatmap(records, metric), layer_curves(records, metric, parameters, name or ""), records
 
 
-def _layer_count(config: MergeConfig) -> int:
-    return layer_facts(config)[0]
-
-
 def _names(config: MergeConfig) -> tuple[str, str]:
     names = [short_name(n) for n in config.referenced_models()]
     return (names + ["model A", "model B"])[0], (names[1:] + ["model B"])[0]
@@ -317,7 +313,7 @@ def build_lab(family: Optional[dict]):
             @handler
             def per_layer_sliders(recipe_text, attention_text, mlp_text, other_text, module_name,
                                   request: gr.Request = None):
-                count = _layer_count(_config(recipe_text))
+                count, filters = layer_facts(_config(recipe_text))
                 texts = {"attention": attention_text, "MLP": mlp_text, "other": other_text}
                 values = expand(layers.parse_points(texts[module_name], module_name), count)
                 sliders = []
@@ -332,7 +328,7 @@ def build_lab(family: Optional[dict]):
                     texts = {"attention": attention_now, "MLP": mlp_now, "other": other_now}
                     texts[module_name] = layers.format_points([float(v) for v in slider_values])
                     new_recipe, figure = _write_points(_config(recipe_now), texts["attention"], texts["MLP"],
-                                                       texts["other"], count)
+                                                       texts["other"], count, filters)
                     return texts["attention"], texts["MLP"], texts["other"], new_recipe, figure
 
                 expert_use.click(use_values, inputs=[recipe, attention, mlp, other, *sliders],
