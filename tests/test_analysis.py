@@ -98,7 +98,8 @@ def test_figures_show_every_layer_and_module(tiny):
 
 
 def _flat_records(modules=("q", "k", "v", "o", "gate", "up", "down", "norm"), layers=4):
-    return [{"layer": layer, "module": module, "angle_deg": float(layer + index), "slerp_fallback": False}
+    return [{"layer": layer, "module": module, "angle_deg": float(layer + index), "slerp_fallback": False,
+             "model_a": "a", "model_b": "b"}
             for layer in range(layers) for index, module in enumerate(modules)]
 
 
