@@ -59,8 +59,7 @@ def test_build_a_recipe_and_shape_t_per_layer_in_chromium(server, page, tmp_path
     page.get_by_role("option", name="linear: weighted average of the models (model soup)").click()
     page.get_by_text("weight of smollm2-json").first.wait_for(timeout=30_000)  # generated controls
     page.get_by_role("button", name="Write the recipe").click()
-    page.get_by_text("merge_method: linear").wait_for(timeout=30_000)
-    page.screenshot(path=str(shots / "app-build-recipe.png"), full_page=True)
+    page.get_by_text("merge_method: linear").wait_for(timeout=30_000)  # (its screenshot: test_browser_builder)
 
     page.goto(server)  # back to the slerp recipe
     page.get_by_text("Per-layer t: control points for attention, MLP and the rest").click()
