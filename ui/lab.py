@@ -25,7 +25,7 @@ from merging.pipeline import merge_stages_into, plan_stages
 
 from . import layers
 from .builder import build_builder, short_name
-from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash
+from .common import gpu, handler, heavy_queue, page_and_api, read_recipe, remember, session_hash
 from .publish_panel import build_publish_panel
 from .session import PARENTS, SESSIONS
 
@@ -284,7 +284,7 @@ def build_lab(family: Optional[dict]):
                                 "(only for architectures transformers lacks)", visible=not is_public_deployment())
     build_builder(recipe, family)
     t.input(set_t, inputs=[recipe, t], outputs=recipe, api_name="set_t")
-    merge.click(merge_recipe, inputs=[recipe, trust], outputs=status, api_name="merge", **heavy_queue())
+    page_and_api(merge.click, merge_recipe, inputs=[recipe, trust], outputs=status, api_name="merge", **heavy_queue())
 
     with gr.Accordion("Per-layer t: control points for attention, MLP and the rest", open=False):
         with gr.Row():
