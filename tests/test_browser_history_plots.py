@@ -1,4 +1,5 @@
-"""The Lab's plots as a person sees them, in Chromium at 1400x900: the per-layer
+"""The History tab and the Lab's plots as a person sees them, in Chromium at 1400x900: the
+history lists a merge without Refresh and tells two merges apart; the per-layer
 diagnostics plot's legend keeps off the data and the axis titles, its titles are whole,
 one t-line per distinct curve on t's own range. With MERGELAB_SCREENSHOTS set to a folder,
 screenshots go there."""
@@ -29,6 +30,32 @@ def shots_folder(tmp_path) -> Path:
     shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     return shots
+
+
+def lab_recipe(demo_family, t: float) -> str:
+    from ui.lab import LAB_RECIPE
+
+    return LAB_RECIPE.format(**{name: str(path) for name, path in demo_family.items()}).replace("t: 0.5", f"t: {t}")
+
+
+def test_history_lists_new_merges_without_refresh_and_tells_them_apart(server, demo_family, page, tmp_path):
+    from gradio_client import Client
+
+    page.goto(server)
+    page.get_by_role("tab", name="History").click()  # opened once before the merges
+    client = Client(server, verbose=False)
+    client.predict(lab_recipe(demo_family, 0.15), api_name="/merge")
+    page.get_by_role("tab", name="Lab").click()
+    page.get_by_role("tab", name="History").click()  # no Refresh: opening the tab lists it
+    summaries = page.locator(".body-cell").filter(visible=True).filter(has_text="slerp t=")
+    summaries.filter(has_text="slerp t=0.15: smollm2-json, smollm2-reverse").first.wait_for(timeout=30_000)
+    client.predict(lab_recipe(demo_family, 0.85), api_name="/merge")
+    page.get_by_role("tab", name="Lab").click()
+    page.get_by_role("tab", name="History").click()
+    summaries.filter(has_text="slerp t=0.85: smollm2-json, smollm2-reverse").first.wait_for(timeout=30_000)
+    texts = [summaries.nth(i).inner_text() for i in range(2)]
+    assert "t=0.85" in texts[0] and "t=0.15" in texts[1] and texts[0] != texts[1]  # newest first
+    page.screenshot(path=str(shots_folder(tmp_path) / "app-history.png"), full_page=True)
 
 
 # The per-layer curves plot (the one with a legend and a right-hand t axis), measured in the page.
