@@ -103,7 +103,7 @@ def test_build_a_mixture_of_experts_and_see_its_routing_in_chromium(server, page
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the router per layer
     page.get_by_label("Prompt").last.fill("Make a record: Zoe is 44 and lives in Omsk.")
     page.get_by_role("button", name="Ask", exact=True).click()
-    page.wait_for_function("document.querySelector('.moe-strip').innerText.includes('Omsk')", timeout=120_000)
+    page.wait_for_function("(document.querySelector('.moe-strip')?.innerText || '').includes('Omsk')", timeout=120_000)
     page.screenshot(path=str(shots / "app-moe.png"), full_page=True)
 
 
