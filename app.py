@@ -6,13 +6,6 @@ import sys
 
 import gradio as gr
 
-from merging.errors import MergeError
-from ui.history_panel import build_history_panel
-from ui.lab import build_lab, forget_session
-from ui.moe_panel import build_moe_panel
-from ui.sweep_panel import build_sweep_panel
-from ui.recipe_panel import build_recipe_panel
-
 QUEUE_LENGTH = 64  # requests waiting at once; more are refused (the page says the queue is full)
 INTRO = """# MergeLab
 Explore model merges: mergekit-compatible recipes, checked before any heavy work.
@@ -24,26 +17,91 @@ which expert each token goes to.
 """
 
 
-def demo_family() -> dict | None:
-    """Build (first start) or find the offline demo models, with progress on the console."""
+class BuildProgress:
+    """How far the demo family's build is, for the console and the starting page."""
+
+    def __init__(self):
+        self.fraction, self.what, self.done = 0.0, "starting", False
+
+    def text(self) -> str:
+        if self.done:
+            return "**The demo models are ready**: the Lab opens in a moment."
+        if self.fraction == 0:
+            return f"**MergeLab is starting**: {self.what}. This page opens the Lab when it is ready."
+        return (f"**Building the offline demo models** (first start only; about a minute): "
+                f"{100 * self.fraction:.0f}%, {self.what}. This page opens the Lab when they are ready.")
+
+
+def demo_family(state: BuildProgress | None = None) -> dict | None:
+    """Build (first start) or find the offline demo models, with progress on the console (one
+    line per step) and in `state`."""
     from tqdm import tqdm
 
     from merging.demo import build_family
+    from merging.errors import MergeError
 
+    state = state or BuildProgress()
     try:
         with tqdm(total=100, desc="demo models", file=sys.stderr) as bar:
             def progress(fraction, what):
+                state.fraction, state.what = fraction, what
                 bar.n = int(100 * fraction)
-                bar.set_description(what)
+                bar.set_description(what, refresh=False)  # one refresh per step, not two lines
                 bar.refresh()
             family = build_family(progress=progress)
         return {name: str(path) for name, path in family.items()}
     except MergeError as error:
         print(f"MergeLab: no demo models ({error})", file=sys.stderr)
         return None
+    finally:
+        state.done = True
+
+
+STARTING_TITLE = "MergeLab: starting"  # benchmarks/visitors.py waits while the page has this title
+RELOAD_WHEN_READY = """() => {
+  setInterval(async () => {
+    try {
+      const answer = await fetch("config", {cache: "no-store"});
+      if (answer.ok && !(await answer.json()).title.endsWith("starting")) location.reload();
+    } catch (error) {}  // the server is switching to the Lab: try again
+  }, 1500);
+}"""
+
+
+def starting_page(state: BuildProgress) -> gr.Blocks:
+    """What the port serves while the demo models build: the build's progress, updated each
+    second; the page reloads into the Lab once it is served."""
+    with gr.Blocks(title=STARTING_TITLE) as page:
+        gr.Markdown(INTRO)
+        status = gr.Markdown(state.text(), elem_id="startup-progress")
+        gr.Timer(1.0).tick(state.text, outputs=status, api_name="startup_progress", show_progress="hidden")
+        page.load(None, js=RELOAD_WHEN_READY)
+    return page
+
+
+def app_while_serving() -> gr.Blocks:
+    """The app on the demo family. Meanwhile (the library's imports, and on a first start the
+    demo models' build, about a minute) the port serves the starting page, so the server
+    answers at once and shows how far it is; the starting page closes when the app is built."""
+    state = BuildProgress()
+    page = starting_page(state)
+    page.queue(default_concurrency_limit=8).launch(prevent_thread_lock=True, quiet=True)
+    try:
+        state.what = "loading the merge library"
+        family = demo_family(state)
+        state.what = "building the page"
+        return build_app(family)
+    finally:
+        page.close()
 
 
 def build_app(family: dict | None = None) -> gr.Blocks:
+    from ui.history_panel import build_history_panel
+    from ui.lab import build_lab, forget_session
+    from ui.moe_panel import build_moe_panel
+    from ui.recipe_panel import build_recipe_panel
+    from ui.sweep_panel import build_sweep_panel
+
     # Gradio's own copies of uploads and returned files are deleted an hour after they are made
     with gr.Blocks(title="MergeLab", delete_cache=(600, 3600)) as app:
         gr.Markdown(INTRO)
@@ -77,4 +135,4 @@ def serve(app: gr.Blocks) -> None:
 
 
 if __name__ == "__main__":
-    serve(build_app(demo_family()))
+    serve(app_while_serving())

@@ -67,18 +67,25 @@ class Server:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def starting(self) -> Optional[bool]:
+        """None: the port does not answer; True: it serves the starting page (the demo models
+        are building); False: it serves the Lab."""
+        try:
+            with urllib.request.urlopen(f"{self.url}config", timeout=2) as response:
+                return json.loads(response.read()).get("title", "").endswith("starting")
+        except (OSError, ValueError):
+            return None
+
     def wait_ready(self, seconds: float = 180) -> "Server":
-        """Returns once the page answers; raises with the log's end if the app exits or is late."""
+        """Returns once the Lab answers (not the starting page shown while the demo models
+        build); raises with the log's end if the app exits or is late."""
         deadline = time.time() + seconds
         while time.time() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"app.py exited: {self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
+            if self.starting() is False:
+                return self
+            time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"app.py did not start within {seconds:.0f} s: {self.log()[-3000:]}")
 

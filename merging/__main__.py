@@ -12,7 +12,7 @@ import time
 
 from pathlib import Path
 
-from .errors import MergeError
+from .errors import FolderNotEmpty, MergeError
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     except MergeError as error:
         if args.verbose:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        hint = " (pass --overwrite)" if isinstance(error, FolderNotEmpty) else ""
+        print(f"error: {error}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interruption:
         print("interrupted; nothing was written", file=sys.stderr)

@@ -145,13 +145,15 @@ def _kept_fractions(plan: MergePlan, task: TensorTask, tensors, seed: int) -> di
 
 def parameter_records(plan: MergePlan, name: str) -> list[dict]:
     """The exact per-tensor values of parameter `name` the merge uses (one row per tensor,
-    and per model for per-model parameters), with slerp's fallbacks where known."""
+    and per model for per-model parameters), with slerp's fallbacks where known. Each row
+    carries the parameter's declared range (`low`, `high`; None where open) for the plots."""
     parameter = plan.method.parameter(name)
     if parameter is None:
         return []
+    bounds = {"low": parameter.low, "high": parameter.high}
     rows = []
     for task in plan.tasks:
-        base = {"tensor": task.name, "layer": task.layer, "module": arch.module_type(task.name)}
+        base = {"tensor": task.name, "layer": task.layer, "module": arch.module_type(task.name), **bounds}
         if parameter.per_model:
             models = [m for i, (m, _) in enumerate(task.inputs) if i != task.base_index]
             for model, values in zip(models, task.model_params):
@@ -164,6 +166,14 @@ def parameter_records(plan: MergePlan, name: str) -> list[dict]:
 # ---- figures -------------------------------------------------------------------------
 MODULE_ORDER = ["embed", "qkv", "q", "k", "v", "o", "attn", "gate", "up", "down", "mlp", "norm", "lm_head",
                 "other"]
+
+
+# Legends sit below the plot, in the figure's own margin (container coordinates), so they
+# never cover data or axis titles; axes grow their margins to hold their whole titles.
+LEGEND_BELOW = {"orientation": "h", "xref": "container", "x": 0.01, "xanchor": "left", "yref": "container",
+                "y": 0.01, "yanchor": "bottom"}
+LEGEND_ROW_PX = 22  # one row of a horizontal legend
+LEGEND_ENTRIES_PER_ROW = 6  # what fits across a half-width plot at 1400 px
 
 
 def heatmap(records: list[dict], metric: str = "angle_deg", pair: Optional[tuple[str, str]] = None):
@@ -185,17 +195,45 @@ def heatmap(records: list[dict], metric: str = "angle_deg", pair: Optional[tuple
     z = [[(sum(grid[(layer, m)]) / len(grid[(layer, m)])) if (layer, m) in grid else None for m in modules]
          for layer in layers]
     figure = go.Figure(go.Heatmap(
-        z=z, x=modules, y=layers, colorscale="Viridis", colorbar={"title": metric},
+        z=z, x=modules, y=layers, colorscale="Viridis",
+        colorbar={"title": {"text": metric, "side": "right"}, "thickness": 14},
         hovertemplate="layer %{y}, %{x}<br>" + metric + " = %{z:.6g}<extra></extra>"))
-    figure.update_layout(title=METRICS.get(metric, metric), xaxis_title="module", yaxis_title="layer",
-                         yaxis={"autorange": "reversed"}, margin={"l": 60, "r": 20, "t": 50, "b": 40})
+    figure.update_layout(title=METRICS.get(metric, metric),
+                         xaxis={"title": {"text": "module"}, "automargin": True},
+                         yaxis={"title": {"text": "layer"}, "autorange": "reversed", "automargin": True},
+                         margin={"l": 70, "r": 30, "t": 50, "b": 50})
     return figure
+
+
+def _distinct_curves(parameters: list[dict]) -> list[tuple[list[str], list[tuple]]]:
+    """The parameter's per-layer curves, one per distinct curve: modules whose values are
+    the same at every layer share one (q, k, v and o under one attention filter)."""
+    curves: dict[tuple, list[str]] = {}
+    for module in [m for m in MODULE_ORDER if any(p["module"] == m for p in parameters)] + \
+            sorted({p["module"] for p in parameters} - set(MODULE_ORDER)):
+        points = tuple(sorted({(p["layer"], p["value"]) for p in parameters
+                               if p["module"] == module and p["layer"] is not None and p["value"] is not None}))
+        if points:
+            curves.setdefault(points, []).append(module)
+    return [(modules, list(points)) for points, modules in curves.items()]
+
+
+def _parameter_range(parameters: list[dict]) -> list[float]:
+    """The parameter's declared range where it has one; an open end is 0 or 1, or the
+    values' own extreme beyond it."""
+    values = [p["value"] for p in parameters if isinstance(p.get("value"), (int, float))]
+    low = next((p["low"] for p in parameters if p.get("low") is not None), None)
+    high = next((p["high"] for p in parameters if p.get("high") is not None), None)
+    low = low if low is not None else min([0.0, *values])
+    high = high if high is not None else max([1.0, *values])
+    return [low, high]
 
 
 def layer_curves(records: list[dict], metric: str = "angle_deg", parameters: Optional[list[dict]] = None,
                  parameter_name: str = "t"):
     """Per-layer curves of `metric`, one per module type; the merge's exact per-layer
-    parameter values on a second axis; slerp fallbacks marked with an x."""
+    parameter values on a second axis (one line per distinct curve, on the parameter's
+    declared range); slerp fallbacks marked with an x. The legend sits below the plot."""
     import plotly.graph_objects as go
 
     figure = go.Figure()
@@ -206,15 +244,24 @@ def layer_curves(records: list[dict], metric: str = "angle_deg", parameters: Opt
             x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers", name=module,
             marker={"symbol": ["x" if p[2] else "circle" for p in points], "size": [10 if p[2] else 6 for p in points]},
             hovertemplate=f"{module} layer %{{x}}<br>{metric} = %{{y:.6g}}<extra></extra>"))
-    for module in sorted({p["module"] for p in parameters or [] if p["layer"] is not None}):
-        points = sorted((p["layer"], p["value"]) for p in parameters
-                        if p["module"] == module and p["layer"] is not None and p["value"] is not None)
+    curves = _distinct_curves(parameters or [])
+    for modules, points in curves:
+        label = ", ".join(modules)
         figure.add_trace(go.Scatter(
             x=[p[0] for p in points], y=[p[1] for p in points], mode="lines", yaxis="y2",
-            line={"dash": "dot"}, name=f"{parameter_name} ({module})",
-            hovertemplate=f"{parameter_name} for {module}, layer %{{x}}: %{{y:.4g}}<extra></extra>"))
-    figure.update_layout(
-        title=METRICS.get(metric, metric), xaxis_title="layer", yaxis_title=metric,
-        yaxis2={"title": parameter_name, "overlaying": "y", "side": "right", "showgrid": False},
-        legend={"orientation": "h", "y": -0.2}, margin={"l": 60, "r": 60, "t": 50, "b": 40})
+            line={"dash": "dot", "width": 2.5}, name=f"{parameter_name} ({label})",
+            hovertemplate=f"{parameter_name} for {label}, layer %{{x}}: %{{y:.4g}}<extra></extra>"))
+    entries = len(figure.data)
+    legend_rows = max(1, -(-entries // LEGEND_ENTRIES_PER_ROW))
+    layout = {
+        "title": METRICS.get(metric, metric),
+        "xaxis": {"title": {"text": "layer"}, "automargin": True},
+        "yaxis": {"title": {"text": metric}, "automargin": True},
+        "legend": LEGEND_BELOW,
+        "margin": {"l": 70, "r": 70, "t": 50, "b": 60 + LEGEND_ROW_PX * legend_rows},
+    }
+    if curves:
+        layout["yaxis2"] = {"title": {"text": parameter_name}, "overlaying": "y", "side": "right",
+                            "showgrid": False, "automargin": True, "range": _parameter_range(parameters)}
+    figure.update_layout(**layout)
     return figure

@@ -11,6 +11,11 @@ class MergeError(ValueError):
     """
 
 
+class FolderNotEmpty(MergeError):
+    """The output folder holds files and overwriting was not allowed. The message names no
+    control: the command line adds its flag, the app its checkbox."""
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'x'?)' for the closest of `choices`, or nothing."""
     close = difflib.get_close_matches(str(word), list(choices), n=1)

@@ -14,6 +14,7 @@ there); greedy decoding (temperature 0) is plain greedy.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -157,42 +158,83 @@ def stream(model, tokenizer, messages: Messages, sampling: Sampling = Sampling()
 
     The model runs in a thread named THREAD_NAME that ends with the stream: closing the
     stream early (a cancelled request) stops generation at the next token and joins it."""
-    from transformers import TextIteratorStreamer
-
     if overrides:
         sampling = Sampling(**{**sampling.__dict__, **overrides})
-    device = next(model.parameters()).device
-    inputs = chat_inputs(tokenizer, messages, device, max_prompt_tokens)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stop = threading.Event()
-    kwargs = sampling.generate_kwargs(tokenizer, stop)
-    outputs: dict = {}
+    for _, piece in stream_many([(model, tokenizer)], messages, sampling, max_prompt_tokens):
+        yield piece
 
-    def run():
+
+class _QueueStreamer:  # a transformers BaseStreamer over TextStreamer's decoding
+    """Puts (index, text) on a shared queue as the text is finalized, (index, None) at the end."""
+
+    def __init__(self, tokenizer, index: int, shared: "queue.Queue"):
+        from transformers import TextStreamer
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(inner, text: str, stream_end: bool = False):
+                if text:
+                    shared.put((index, text))
+
+        self.decoder = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    def put(self, value):
+        self.decoder.put(value)
+
+    def end(self):
+        self.decoder.end()
+
+
+def stream_many(pairs: list, messages: Messages, sampling: Sampling = Sampling(),
+                max_prompt_tokens: Optional[int] = None) -> Iterator[tuple[int, Union[str, Generation]]]:
+    """The same prompt, seed and settings for several (model, tokenizer) pairs at once:
+    (index, text piece) as each model produces it, interleaved, and (index, Generation)
+    when that model is done. Each model runs in its own THREAD_NAME thread with its own
+    seeded generator; closing the stream stops every generation at its next token and
+    joins the threads. An error in one stops the others and is raised here."""
+    inputs = []
+    for model, tokenizer in pairs:  # every prompt checked before any forward pass
+        inputs.append(chat_inputs(tokenizer, messages, next(model.parameters()).device, max_prompt_tokens))
+    shared: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    outputs: list[dict] = [{} for _ in pairs]
+    DONE = None
+
+    def run(index: int, model, tokenizer, kwargs):
         try:
             with torch.no_grad():
-                outputs["ids"] = model.generate(**inputs, **kwargs, streamer=streamer)
+                outputs[index]["ids"] = model.generate(**inputs[index], **kwargs,
+                                                       streamer=_QueueStreamer(tokenizer, index, shared))
         except BaseException as error:  # surface it in the caller's thread
-            outputs["error"] = error
-            streamer.end()
+            outputs[index]["error"] = error
+        finally:
+            outputs[index]["seconds"] = time.perf_counter() - started
+            shared.put((index, DONE))
 
     started = time.perf_counter()
-    worker = threading.Thread(target=run, name=THREAD_NAME, daemon=True)
-    worker.start()
+    workers = [threading.Thread(target=run, name=THREAD_NAME, daemon=True,
+                                args=(index, model, tokenizer, sampling.generate_kwargs(tokenizer, stop)))
+               for index, (model, tokenizer) in enumerate(pairs)]
+    for worker in workers:
+        worker.start()
+    pieces: list[list[str]] = [[] for _ in pairs]
     try:
-        pieces = []
-        for piece in streamer:
-            if piece:
-                pieces.append(piece)
-                yield piece
-        worker.join()
-    finally:  # also when the consumer closes the stream early
+        running = len(workers)
+        while running:
+            index, piece = shared.get()
+            if piece is not DONE:
+                pieces[index].append(piece)
+                yield index, piece
+                continue
+            running -= 1
+            workers[index].join()
+            if "error" in outputs[index]:
+                raise outputs[index]["error"]
+            new_tokens = outputs[index]["ids"].shape[1] - inputs[index]["input_ids"].shape[1]
+            yield index, Generation("".join(pieces[index]), int(new_tokens), outputs[index]["seconds"])
+    finally:  # also when the consumer closes the stream early, or one model failed
         stop.set()
-        worker.join(JOIN_SECONDS)
-    if "error" in outputs:
-        raise outputs["error"]
-    new_tokens = outputs["ids"].shape[1] - inputs["input_ids"].shape[1]
-    yield Generation("".join(pieces), int(new_tokens), time.perf_counter() - started)
+        for worker in workers:
+            worker.join(JOIN_SECONDS)
 
 
 def generate_many(models: dict, messages: Messages, sampling: Sampling = Sampling()) -> dict[str, Generation]:

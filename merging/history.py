@@ -59,22 +59,79 @@ def default_path() -> Path:
     return cache_root() / "history.sqlite"
 
 
+SUMMARY_CHARS = 240  # a summary is a table cell: long recipes end in "..."
+
+
+def short_model(name: str) -> str:
+    """A model's short name: the last part of its path or hub id."""
+    return Path(str(name).rstrip("/")).name or str(name)
+
+
+def _number(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _gradient(values: list) -> str:
+    """A per-layer gradient, short: every point up to four, else its ends and count."""
+    if len(values) <= 4:
+        return "[" + ", ".join(_number(v) for v in values) + "]"
+    return f"[{_number(values[0])} .. {_number(values[-1])}, {len(values)} points]"
+
+
+def _value(value) -> str:
+    """A parameter's value in a few characters: a number, a gradient, or filters with
+    their values (`self_attn [0, 1], mlp [1, 0], else 0.5`)."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        parts = []
+        for rule in value:
+            shown = _value(rule.get("value"))
+            parts.append(f"{rule['filter']} {shown}" if rule.get("filter") else f"else {shown}")
+        return ", ".join(parts)
+    if isinstance(value, list):
+        return _gradient(value)
+    return _number(value)
+
+
+def _parameters(parameters: Optional[dict]) -> str:
+    return " ".join(f"{name}={_value(value)}" for name, value in (parameters or {}).items())
+
+
+def _stage_summary(stage, stage_names: set) -> str:
+    """`method params: model (its params), ...` for one merge."""
+    models = []
+    entries = {entry.model: entry.parameters for entry in stage.model_entries()}
+    for name in stage.referenced_models():
+        if name in stage_names:
+            label = f"[{name}]"
+        else:
+            label = short_model(name)
+        own = _parameters(entries.get(name))
+        models.append(f"{label} ({own})" if own else label)
+    head = stage.merge_method + (f" {_parameters(stage.parameters)}" if stage.parameters else "")
+    slices = len(stage.output_slices())
+    suffix = f", {slices} slices" if slices else ""
+    return f"{head}: {', '.join(models)}{suffix}"
+
+
 def summarize(recipe: str) -> str:
-    """One line: method and models (short names), from the recipe text."""
+    """One line that tells merges apart: method and its key parameters (numbers, per-layer
+    gradients shortened, filters), each model by short name with its own parameters."""
     from .config import recipe_from_text
 
     try:
         config = recipe_from_text(recipe)
     except MergeError:
         return "(unreadable recipe)"
-    stages = getattr(config, "stages", [config])
-    names = {s.name for s in stages if getattr(s, "name", None)}
-    models = [m for s in stages for m in s.referenced_models() if m not in names]
-    short = [Path(m.rstrip("/")).name or m for m in dict.fromkeys(models)]
-    method = "moe" if hasattr(config, "experts") else config.final.merge_method if len(stages) > 1 \
-        else config.merge_method
-    suffix = f" ({len(stages)} stages)" if len(stages) > 1 else ""
-    return f"{method}: {', '.join(short)}{suffix}"
+    if hasattr(config, "experts"):
+        experts = ", ".join(short_model(e.source_model) for e in config.experts)
+        text = (f"moe {config.gate_mode} {config.experts_per_token} per token: {short_model(config.base_model)}, {experts}")
+    else:
+        stages = getattr(config, "stages", [config])
+        names = {s.name for s in stages if getattr(s, "name", None)}
+        text = " | ".join(_stage_summary(stage, names) for stage in stages)
+        if len(stages) > 1:
+            text += f" ({len(stages)} stages)"
+    return text if len(text) <= SUMMARY_CHARS else text[:SUMMARY_CHARS - 3] + "..."
 
 
 class History:

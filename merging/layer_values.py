@@ -35,10 +35,29 @@ def _setting(values: list[float]):
     return values[0] if len(values) == 1 else values
 
 
+def layer_parameters(config: MergeConfig) -> list[str]:
+    """The method's global numeric parameters: those one value per layer can shape."""
+    return [p.name for p in config.method.global_parameters if p.kind in (float, int)]
+
+
+def require_layer_parameter(config: MergeConfig, name: str) -> None:
+    """A MergeError naming what the method has, when it has no global numeric `name`."""
+    if name in layer_parameters(config):
+        return
+    method = config.method
+    own = ", ".join([f"{p.name} (per model)" if p.per_model else p.name for p in method.parameters]) or "none"
+    shaped = layer_parameters(config)
+    hint = (f"; per layer it can take {', '.join(shaped)}" if shaped else
+            "; it has no global value to shape per layer (set per-model values in Build a recipe)")
+    raise MergeError(f"{config.merge_method} has no '{name}': its parameters are {own}{hint}")
+
+
 def with_layer_points(config: MergeConfig, name: str, attention: list[float], mlp: list[float],
                       other: list[float], filters: tuple[str, str] = FILTERS) -> MergeConfig:
     """The config with `name` set as [attention points, mlp points, the rest], the first two
-    as `filters` (see module_filters)."""
+    as `filters` (see module_filters). Refused for a parameter the method does not declare
+    globally: the merge would ignore it."""
+    require_layer_parameter(config, name)
     changed = copy.deepcopy(config)
     changed.parameters = {**(changed.parameters or {}), name: [
         {"filter": filters[0], "value": _setting(attention)},

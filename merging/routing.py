@@ -178,7 +178,54 @@ def generate_routed(model, tokenizer, messages, sampling=None, max_prompt_tokens
     device = next(model.parameters()).device
     inputs = chat_inputs(tokenizer, messages, device, max_prompt_tokens)
     ids = model.generate(**inputs, **sampling.generate_kwargs(tokenizer))[0]
-    prompt_length = inputs["input_ids"].shape[1]
+    return _routed_answer(model, tokenizer, ids, inputs["input_ids"].shape[1])
+
+
+def stream_routed(model, tokenizer, messages, sampling=None, max_prompt_tokens=None):
+    """The answer's text pieces as they are generated, then one `RoutedAnswer` (the same
+    tokens generate_routed gives: same sampling, its own seeded generator). Generation runs
+    in a merging.generation.THREAD_NAME thread; closing the stream early stops it at the
+    next token and joins it."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    from .generation import JOIN_SECONDS, THREAD_NAME, Sampling, chat_inputs
+
+    sampling = sampling or Sampling()
+    device = next(model.parameters()).device
+    inputs = chat_inputs(tokenizer, messages, device, max_prompt_tokens)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
+    kwargs = sampling.generate_kwargs(tokenizer, stop)
+    outputs: dict = {}
+
+    def run():
+        try:
+            with torch.no_grad():
+                outputs["ids"] = model.generate(**inputs, **kwargs, streamer=streamer)
+        except BaseException as error:  # surface it in the caller's thread
+            outputs["error"] = error
+            streamer.end()
+
+    worker = threading.Thread(target=run, name=THREAD_NAME, daemon=True)
+    worker.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+        worker.join()
+    finally:  # also when the consumer closes the stream early
+        stop.set()
+        worker.join(JOIN_SECONDS)
+    if "error" in outputs:
+        raise outputs["error"]
+    with torch.no_grad():
+        yield _routed_answer(model, tokenizer, outputs["ids"][0], inputs["input_ids"].shape[1])
+
+
+def _routed_answer(model, tokenizer, ids: torch.Tensor, prompt_length: int) -> RoutedAnswer:
+    """The generated sequence's answer, its tokens and the routing of every token."""
     answer = ids[prompt_length:]
     if len(answer) and answer[-1].item() in _end_ids(tokenizer, model):
         answer = answer[:-1]  # the end token ends the answer; it is not part of it

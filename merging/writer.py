@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import MergeError
+from .errors import FolderNotEmpty, MergeError
 from .sources.tensors import TORCH_TO_SAFETENSORS
 
 SINGLE_FILE = "model.safetensors"
@@ -135,7 +135,7 @@ def check_output_folder(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise MergeError(f"output '{out_dir}' exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise MergeError(f"output folder '{out_dir}' is not empty; choose another or pass --overwrite")
+        raise FolderNotEmpty(f"output folder '{out_dir}' is not empty; choose another or allow overwriting it")
     parent = out_dir.resolve().parent
     if not parent.exists():
         try:

@@ -88,9 +88,48 @@ def test_figures_show_every_layer_and_module(tiny):
     assert q_values == [(0, 0.0), (1, pytest.approx(1 / 3)), (2, pytest.approx(2 / 3)), (3, 1.0)]
     curves = layer_curves(records, "angle_deg", values)
     names = [trace.name for trace in curves.data]
-    assert "q" in names and "t (q)" in names
+    assert "q" in names and "t (q, k, v, o)" in names  # one t-line per distinct curve
+    assert names.count("t (q, k, v, o)") == 1 and not any(n == "t (q)" for n in names)
     norm_trace = next(t for t in curves.data if t.name == "norm")
     fallbacks = [r for r in records if r["module"] == "norm" and r["layer"] is not None]
     assert list(norm_trace.marker.symbol).count("x") == sum(r["slerp_fallback"] for r in fallbacks)
     json.dumps(curves.to_plotly_json(), default=str)  # serializable for the browser
     assert math.isfinite(sum(r["angle_deg"] for r in records))
+
+
+def _flat_records(modules=("q", "k", "v", "o", "gate", "up", "down", "norm"), layers=4):
+    return [{"layer": layer, "module": module, "angle_deg": float(layer + index), "slerp_fallback": False,
+             "model_a": "a", "model_b": "b"}
+            for layer in range(layers) for index, module in enumerate(modules)]
+
+
+def test_layer_curves_one_line_per_distinct_curve_on_the_declared_range():
+    modules = ("q", "k", "v", "o", "gate", "up", "down", "norm")
+    values = [{"layer": layer, "module": module, "low": 0.0, "high": 1.0,
+               "value": layer / 3 if module in "qkvo" else (1 - layer / 3 if module in ("gate", "up", "down") else 0.5)}
+              for layer in range(4) for module in modules]
+    figure = layer_curves(_flat_records(), "angle_deg", values, "t")
+    t_lines = [trace for trace in figure.data if trace.yaxis == "y2"]
+    assert [trace.name for trace in t_lines] == ["t (q, k, v, o)", "t (gate, up, down)", "t (norm)"]
+    assert len(figure.data) == 8 + 3  # 8 metric curves, 3 distinct t-lines (not 8)
+    assert list(figure.layout.yaxis2.range) == [0.0, 1.0]  # t's declared range, not autorange to 1.7
+    legend = figure.layout.legend
+    # below the plot, in the figure's margin: never over the data or an axis title
+    assert legend.orientation == "h" and legend.yref == "container" and legend.yanchor == "bottom"
+    assert legend.y < 0.05 and figure.layout.margin.b >= 60 + 22 * 2  # 11 entries: two legend rows
+    assert figure.layout.yaxis.automargin and figure.layout.yaxis2.automargin and figure.layout.xaxis.automargin
+    assert figure.layout.yaxis.title.text == "angle_deg"
+
+
+def test_layer_curves_range_of_an_open_parameter_and_without_parameters():
+    values = [{"layer": layer, "module": "q", "value": 2.0 * layer, "low": 0.0, "high": None} for layer in range(4)]
+    figure = layer_curves(_flat_records(("q",)), "angle_deg", values, "weight")
+    assert list(figure.layout.yaxis2.range) == [0.0, 6.0]
+    plain = layer_curves(_flat_records(("q", "k")), "angle_deg", None, "")
+    assert [trace.name for trace in plain.data] == ["q", "k"] and "yaxis2" not in plain.to_plotly_json()["layout"]
+
+
+def test_heatmap_titles_have_room():
+    figure = heatmap(_flat_records(), "angle_deg")
+    assert figure.layout.yaxis.automargin and figure.layout.xaxis.automargin
+    assert figure.layout.yaxis.title.text == "layer"

@@ -71,7 +71,7 @@ def test_history_restores_exactly_what_was_merged(server, demo_family):
     status = client.predict(recipe, api_name="/merge")
     entry = int(status.split("history #")[1].split(")")[0])
     top = client.predict(api_name="/history")["data"][0]
-    assert top[0] == entry and top[2] == "merge" and top[3] == "slerp: smollm2-json, smollm2-reverse"
+    assert top[0] == entry and top[2] == "merge" and top[3] == "slerp t=0.35: smollm2-json, smollm2-reverse"
     restored, moe, message = client.predict(entry, api_name="/restore")
     assert restored == recipe.strip()  # as recorded; gr.Code shows values stripped of outer whitespace
     with pytest.raises(Exception, match="no merge #999999 in your history"):

@@ -59,8 +59,7 @@ def test_build_a_recipe_and_shape_t_per_layer_in_chromium(server, page, tmp_path
     page.get_by_role("option", name="linear: weighted average of the models (model soup)").click()
     page.get_by_text("weight of smollm2-json").first.wait_for(timeout=30_000)  # generated controls
     page.get_by_role("button", name="Write the recipe").click()
-    page.get_by_text("merge_method: linear").wait_for(timeout=30_000)
-    page.screenshot(path=str(shots / "app-build-recipe.png"), full_page=True)
+    page.get_by_text("merge_method: linear").wait_for(timeout=30_000)  # (its screenshot: test_browser_builder)
 
     page.goto(server)  # back to the slerp recipe
     page.get_by_text("Per-layer t: control points for attention, MLP and the rest").click()
@@ -104,7 +103,7 @@ def test_build_a_mixture_of_experts_and_see_its_routing_in_chromium(server, page
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the router per layer
     page.get_by_label("Prompt").last.fill("Make a record: Zoe is 44 and lives in Omsk.")
     page.get_by_role("button", name="Ask", exact=True).click()
-    page.wait_for_function("document.querySelector('.moe-strip').innerText.includes('Omsk')", timeout=120_000)
+    page.wait_for_function("(document.querySelector('.moe-strip')?.innerText || '').includes('Omsk')", timeout=120_000)
     page.screenshot(path=str(shots / "app-moe.png"), full_page=True)
 
 

@@ -63,7 +63,7 @@ def test_history_round_trips_and_keeps_users_apart(tmp_path, tiny):
     assert [e.id for e in entries] == [second, first]
     assert reopened.get(first, "ana").recipe == recipe  # byte for byte
     assert reopened.get(first, "ana").scores == {"ppl_a": 3.5}
-    assert entries[1].summary == "slerp: base, c1"
+    assert entries[1].summary == "slerp t=0.3: base, c1"
     assert len(reopened.entries("bo")) == 1 and reopened.entries("nobody") == []
     with pytest.raises(MergeError, match=f"no merge #{first} in your history"):
         reopened.get(first, "bo")  # another user's entry does not exist for bo
@@ -129,7 +129,27 @@ def test_history_summaries_name_method_and_models(tiny):
     stages = (f"name: first\nmodels:\n  - model: {tiny.path('c1')}\nmerge_method: slerp\nbase_model: "
               f"{tiny.path('base')}\nparameters: {{t: 0.5}}\n---\nmodels:\n  - model: first\n  - model: "
               f"{tiny.path('c2')}\nmerge_method: linear\n")
-    assert summarize(stages) == "linear: base, c1, c2 (2 stages)"
+    assert summarize(stages) == "slerp t=0.5: base, c1 | linear: [first], c2 (2 stages)"
     assert summarize(f"base_model: {tiny.path('base')}\ngate_mode: random\nexperts:\n  - source_model: "
-                     f"{tiny.path('c1')}\n  - source_model: {tiny.path('c2')}\n") == "moe: base, c1, c2"
+                     f"{tiny.path('c1')}\n  - source_model: {tiny.path('c2')}\n") == "moe random 2 per token: base, c1, c2"
     assert summarize("merge_method: [") == "(unreadable recipe)"
+
+
+def test_history_summaries_tell_merges_apart(tiny):
+    """Rows of the same method and models differ by their parameters: t, per-layer
+    gradients (shortened), filters, per-model weights and densities."""
+    from merging.history import summarize
+
+    base, c1, c2 = tiny.path("base"), tiny.path("c1"), tiny.path("c2")
+    head = f"models:\n  - model: {c1}\nmerge_method: slerp\nbase_model: {base}\n"
+    assert summarize(head + "parameters: {t: 0.25}\n") == "slerp t=0.25: base, c1"
+    assert summarize(head + "parameters: {t: 0.75}\n") == "slerp t=0.75: base, c1"
+    assert summarize(head + "parameters: {t: [0, 0.5, 1]}\n") == "slerp t=[0, 0.5, 1]: base, c1"
+    assert summarize(head + "parameters: {t: [0, 0.2, 0.4, 0.6, 1]}\n") == "slerp t=[0 .. 1, 5 points]: base, c1"
+    filters = head + "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 1]\n    - value: 0.5\n"
+    assert summarize(filters) == "slerp t=self_attn [0, 1], else 0.5: base, c1"
+    ties = (f"models:\n  - model: {c1}\n    parameters: {{weight: 0.5, density: 0.6}}\n  - model: {c2}\n"
+            f"    parameters: {{weight: 0.3, density: 0.7}}\nmerge_method: ties\nbase_model: {base}\n")
+    assert summarize(ties) == "ties: base, c1 (weight=0.5 density=0.6), c2 (weight=0.3 density=0.7)"
+    long = head + "parameters: {t: 0.5}\n" + "".join(f"# {i}\n" for i in range(3))
+    assert len(summarize(long.replace(c1, c1 + "/" + "x" * 300))) <= 240

@@ -186,3 +186,31 @@ def test_routed_answers_sample_from_their_own_generator(tiny_mixtral):
     assert again.tokens == first.tokens and again.text == generate(model, tokenizer, PROMPT, SAMPLED).text
     assert generate_routed(model, tokenizer, PROMPT, Sampling(max_new_tokens=24, temperature=0.9, seed=8)
                            ).tokens != first.tokens
+
+
+def test_stream_many_interleaves_the_models_and_matches_each_alone(tiny):
+    from merging.generation import Generation, stream_many
+
+    pairs = [without_end_token(tiny["base"]), without_end_token(tiny["c1"])]
+    alone = [generate(model, tokenizer, PROMPT, SAMPLED).text for model, tokenizer in pairs]
+    order, finals = [], {}
+    for index, piece in stream_many(pairs, PROMPT, SAMPLED):
+        if isinstance(piece, Generation):
+            finals[index] = piece
+        else:
+            order.append(index)
+    assert [finals[i].text for i in range(2)] == alone  # each model's own seeded generator
+    assert all(finals[i].new_tokens == 24 for i in range(2))
+    first_done = min(len(order) - order[::-1].index(i) for i in range(2))
+    assert set(order[:first_done]) == {0, 1}  # pieces of both arrive before either finishes
+    assert not generation_threads()
+
+
+def test_closing_stream_many_early_ends_every_thread(tiny):
+    from merging.generation import stream_many
+
+    pairs = [without_end_token(tiny["base"]), without_end_token(tiny["c2"])]
+    pieces = stream_many(pairs, PROMPT, Sampling(max_new_tokens=5000, temperature=1.0))
+    next(pieces)
+    pieces.close()
+    assert not generation_threads()

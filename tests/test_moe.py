@@ -262,3 +262,28 @@ def test_library_errors_name_the_problem(tiny):
         plan_moe(f"models:\n  - model: {tiny.path('c1')}\nmerge_method: linear\n")
     with pytest.raises(MergeError, match="one YAML document"):
         load_config(moe_yaml(tiny) + "---\n" + moe_yaml(tiny))
+
+
+def test_streamed_routed_answer_equals_the_whole_one(tiny, tmp_path):
+    """The MoE tab streams its answer: the pieces join to the text generate_routed gives,
+    and the final RoutedAnswer has the same tokens and routing."""
+    from merging.generation import Sampling, load_model
+    from merging.routing import RoutedAnswer, generate_routed, stream_routed
+
+    result = run_cli(write(tmp_path, moe_yaml(tiny, "cheap_embed")), tmp_path / "moe")
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = load_model(tmp_path / "moe")
+    sampling = Sampling(max_new_tokens=12, temperature=0.8, seed=5)
+    whole = generate_routed(model, tokenizer, "the cat", sampling)
+    pieces = list(stream_routed(model, tokenizer, "the cat", sampling))
+    assert isinstance(pieces[-1], RoutedAnswer) and all(isinstance(p, str) for p in pieces[:-1])
+    streamed = pieces[-1]
+    assert len(pieces) > 2 and "".join(pieces[:-1]).strip() == whole.text.strip() == streamed.text.strip()
+    assert streamed.tokens == whole.tokens and torch.equal(streamed.trace.weights, whole.trace.weights)
+    early = stream_routed(model, tokenizer, "the cat", sampling)
+    next(early)
+    early.close()  # a cancelled request: the generation thread stops and is joined
+    import threading
+
+    from merging.generation import THREAD_NAME
+    assert not any(t.name == THREAD_NAME and t.is_alive() for t in threading.enumerate())

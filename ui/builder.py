@@ -10,7 +10,7 @@ import gradio as gr
 
 from merging import METHODS, MergeConfig, MergeError, get_method
 from merging.config import InputModel
-from merging.sources import open_model
+from merging.compatibility import as_markdown, compatibility as compatibility_report
 
 from merging.access import hub_token
 from merging.limits import check as check_limit, limit
@@ -18,35 +18,15 @@ from merging.limits import check as check_limit, limit
 from .common import handler
 
 METHOD_CHOICES = [(f"{name}: {method.summary}", name) for name, method in sorted(METHODS.items())]
-COMPARED = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
 
 
 @handler
 def compatibility(models: list[str], base: Optional[str], request: gr.Request = None) -> str:
-    """A table of each model's architecture facts and whether it can merge with the base."""
+    """A table of each model's architecture facts and whether it can merge with the base:
+    the library's report (merging.compatibility), made by the planner's own checks."""
     names = list(dict.fromkeys(([base] if base else []) + [str(m) for m in models or []]))
-    if len(names) < 2:
-        raise gr.Error("pick at least two models (or one and a base)")
     check_limit("models", len(names), f"{len(names)} models are picked")
-    rows, reference = [], None
-    for name in names:
-        try:
-            config = open_model(name, download_weights=False).config
-        except MergeError as error:
-            rows.append(f"| `{name}` | | | | | | cannot be read: {error} |")
-            continue
-        facts = [config.get(key) for key in COMPARED]
-        if reference is None:
-            reference, verdict = facts, "reference" + (" (base)" if name == base else "")
-        else:
-            differences = [f"{key} {mine} vs {theirs}" for key, mine, theirs in zip(COMPARED, facts, reference)
-                           if mine != theirs and key != "vocab_size"]
-            verdict = ("cannot merge: " + ", ".join(differences)) if differences else "can merge"
-            if not differences and facts[-1] != reference[-1]:
-                verdict = f"can merge; vocabulary {facts[-1]} vs {reference[-1]} (rows cut to the base's)"
-        rows.append(f"| `{name}` | " + " | ".join(str(f) for f in facts) + f" | {verdict} |")
-    header = "| model | type | layers | hidden | MLP | vocab | verdict |\n|---|---|---|---|---|---|---|\n"
-    return header + "\n".join(rows)
+    return as_markdown(compatibility_report(models or [], base))
 
 
 @handler
@@ -122,25 +102,28 @@ def _label(parameter: str, method: str, models: Optional[list[str]], base: Optio
 def _control(parameter, label: str, key: str):
     default = None if parameter.required else parameter.default
     if parameter.kind is bool:
-        return gr.Checkbox(bool(default), label=label, info=parameter.help, key=key)
+        return gr.Checkbox(bool(default), label=label, info=parameter.help, key=key, interactive=True)
     if parameter.kind is str:
         return gr.Dropdown(list(parameter.choices or [default]), value=default, label=label, info=parameter.help,
-                           key=key)
+                           key=key, interactive=True)
     low = parameter.low if parameter.low is not None else 0.0
     high = parameter.high if parameter.high is not None else max(2.0, (default or 0) * 2 or 1.0)
     value = default if default is not None else (low + high) / 2 if parameter.name != "weight" else 1.0
     step = 1 if parameter.kind is int else 0.01
-    return gr.Slider(low, high, value=value, step=step, label=label, info=parameter.help, key=key)
+    return gr.Slider(low, high, value=value, step=step, label=label, info=parameter.help, key=key, interactive=True)
 
 
 def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
     choices = list(family.values()) if family else []
+    # the Lab's own recipe (json as the base, reverse merged into it), so the defaults merge as they are
+    default_base = family.get("json") if family else None
+    default_models = [family["reverse"]] if family and "reverse" in family else choices[1:]
     with gr.Accordion("Build a recipe: models, base, method and parameters", open=False):
         with gr.Row():
-            models = gr.Dropdown(choices, value=choices[1:], multiselect=True, allow_custom_value=True,
+            models = gr.Dropdown(choices, value=default_models, multiselect=True, allow_custom_value=True,
                                  label="models (demo family, a local folder or a hub id: type to add)", scale=3)
-            base = gr.Dropdown(choices, value=choices[0] if choices else None, allow_custom_value=True,
-                               label="base model", scale=2)
+            base = gr.Dropdown(choices, value=default_base or (choices[0] if choices else None),
+                               allow_custom_value=True, label="base model", scale=2)
         with gr.Row():
             query = gr.Textbox(label="search the hub for text-generation models", scale=4)
             search = gr.Button("Search", scale=1)
@@ -174,6 +157,9 @@ def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
 
             write.click(write_recipe, inputs=[models, base, method, *controls], outputs=recipe,
                         api_name="write_recipe")
+            for control in controls:  # each change writes the recipe at once, as the button does
+                control.input(write_recipe, inputs=[models, base, method, *controls], outputs=recipe,
+                              trigger_mode="always_last", api_visibility="undocumented")
 
         write = gr.Button("Write the recipe", variant="primary")
     check.click(compatibility, inputs=[models, base], outputs=verdict, api_name="compatibility")

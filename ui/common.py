@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import sys
 import time
 from typing import Optional
 
@@ -37,13 +39,31 @@ def text_lines(text) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
-def friendly(error: Exception) -> gr.Error:
-    """A user's mistake as its own one line; anything else named as unexpected."""
+def debugging() -> bool:
+    """MERGELAB_DEBUG=1: a user's mistake prints its traceback on the console too."""
+    return os.environ.get("MERGELAB_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def log_mistake(where: str, message: str) -> None:
+    """One console line per user mistake (a traceback only with MERGELAB_DEBUG=1)."""
+    print(f"MergeLab: {where}: {message.splitlines()[0] if message else ''}", file=sys.stderr, flush=True)
+
+
+def friendly(error: Exception, where: str = "request") -> gr.Error:
+    """A user's mistake as its own one line, logged as one console line (Gradio prints no
+    traceback for it unless MERGELAB_DEBUG is set); anything else named as unexpected, with
+    its traceback on the console."""
     if isinstance(error, gr.Error):
-        return error
-    if isinstance(error, MergeError):
-        return gr.Error(str(error))
-    return gr.Error(f"unexpected error: {type(error).__name__}: {str(error)[:300]}")
+        if not error.print_exception:
+            return error
+        mistake = gr.Error(error.message, duration=error.duration, visible=error.visible, title=error.title,
+                           print_exception=debugging())
+    elif isinstance(error, MergeError):
+        mistake = gr.Error(str(error), print_exception=debugging())
+    else:
+        return gr.Error(f"unexpected error: {type(error).__name__}: {str(error)[:300]}")
+    log_mistake(where, mistake.message)
+    return mistake
 
 
 def visitor_token(request) -> Optional[str]:
@@ -88,7 +108,7 @@ def handler(function):
                         except StopIteration:
                             return
                         except Exception as error:
-                            raise friendly(error) from None
+                            raise friendly(error, function.__name__) from None
                     yield item
             finally:
                 steps.close()  # a cancelled request ends the handler's work now
@@ -100,7 +120,38 @@ def handler(function):
             try:
                 return function(*args, **kwargs)
             except Exception as error:
-                raise friendly(error) from None
+                raise friendly(error, function.__name__) from None
+    return once
+
+
+def in_status(function, outputs: int = 1):
+    """A `handler`-wrapped function for a page's own event: a user's mistake comes back as a
+    message in the last of the event's `outputs` (a status Markdown under the controls) and
+    the other outputs stay as they are, instead of a gr.Error that lays an Error box over the
+    outputs (the recipe editor, the merge status). API endpoints keep `handler`'s failures."""
+
+    def message(error: gr.Error):
+        text = f"**Error:** {error.message}"
+        return (*[gr.skip()] * (outputs - 1), text) if outputs > 1 else text
+
+    if inspect.isgeneratorfunction(function):
+        @functools.wraps(function)
+        def stepwise(*args, **kwargs):
+            steps = function(*args, **kwargs)
+            try:
+                yield from steps
+            except gr.Error as error:
+                yield message(error)
+            finally:
+                steps.close()
+        return stepwise
+
+    @functools.wraps(function)
+    def once(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except gr.Error as error:
+            return message(error)
     return once
 
 
@@ -132,3 +183,15 @@ def remember(recipe: str, kind: str, request: gr.Request = None, profile=None, s
     from .session import history
 
     return history().record(user_key(request, profile), recipe, kind, scores)
+
+
+def page_and_api(trigger, function, inputs, outputs, api_name: str, **options):
+    """Wire a `handler`-wrapped function twice: to `trigger` (a button's click) for the page,
+    where a mistake comes back in the last output (see in_status; endpoint `<api_name>_in_page`,
+    undocumented), and as the API endpoint `api_name` on a hidden twin button, which fails as
+    before (a client gets an error, not a message to read). Returns the page's event."""
+    count = len(outputs) if isinstance(outputs, (list, tuple)) else 1
+    event = trigger(in_status(function, count), inputs=inputs, outputs=outputs, api_name=f"{api_name}_in_page",
+                    api_visibility="undocumented", **options)
+    gr.Button(visible=False).click(function, inputs=inputs, outputs=outputs, api_name=api_name, **options)
+    return event

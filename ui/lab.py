@@ -7,6 +7,7 @@ Every handler takes the session from the registry; no model or tensor goes into 
 from __future__ import annotations
 
 import random
+import re
 from contextlib import closing
 from typing import Optional
 
@@ -16,7 +17,7 @@ from merging import MergeConfig, MultiStageConfig, MergeError
 from merging.analysis import METRICS, diagnose_plan, heatmap
 from merging.config import recipe_from_text
 from merging.evaluate import layer_facts, with_parameter
-from merging.generation import Sampling, stream
+from merging.generation import Sampling, stream_many
 from merging.layer_values import edit_range, expand, points_from_config, with_layer_points
 from merging.limits import (check as check_limit, clamp_check, finite_number, is_public_deployment, limit,
                             whole_number)
@@ -25,7 +26,7 @@ from merging.pipeline import merge_stages_into, plan_stages
 
 from . import layers
 from .builder import build_builder, short_name
-from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash
+from .common import gpu, handler, heavy_queue, page_and_api, read_recipe, remember, session_hash
 from .publish_panel import build_publish_panel
 from .session import PARENTS, SESSIONS
 
@@ -109,17 +110,21 @@ def merge_recipe(recipe: str, trust_remote_code: bool = False, request: gr.Reque
     yield f"**Merged** (history #{entry}). {stats}"
 
 
-def _pane_models(session) -> list[tuple[str, object, object]]:
-    """The arena's panes: each parent the recipe names (up to two), then the merge."""
+PARENT_PANES = ("A", "B")  # the arena's panes for parents; the merge has the third
+
+
+def _pane_models(session) -> tuple[list[tuple[str, object, object]], list[str]]:
+    """The arena's panes: each parent the recipe names (up to two), then the merge; and the
+    parents left without a pane (a recipe of three or more models)."""
     live = session.live
     names = live.config.referenced_models()
     dtype = next(live.model.parameters()).dtype
     panes = []
-    for label, name in zip(("A", "B"), names[:2]):
+    for label, name in zip(PARENT_PANES, names):
         model, tokenizer = PARENTS.get(name, dtype, live.trust_remote_code)
         panes.append((f"{label}: {short_name(name)}", model, tokenizer))
     panes.append(("merged", live.model, live.tokenizer))
-    return panes
+    return panes, [short_name(name) for name in names[len(PARENT_PANES):]]
 
 
 def arena_sampling(prompt: str, max_new_tokens, temperature, seed) -> Sampling:
@@ -149,27 +154,36 @@ def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, blind: 
     answers are done: it never rewrites the weights under a generation."""
     sampling = arena_sampling(prompt, max_new_tokens, temperature, seed)
     with SESSIONS.reading(session_hash(request), "live", "press Merge first: there is no merged model yet") as session:
-        panes = _pane_models(session)
+        panes, without_pane = _pane_models(session)
         order = list(range(len(panes)))
         if blind:
             random.Random().shuffle(order)
-            session.blind_order = [panes[i][0] for i in order]
-        else:
-            session.blind_order = None
-        histories = [[{"role": "user", "content": prompt}] for _ in panes] + [[] for _ in range(3 - len(panes))]
-        speeds = ["", "", ""]
-        for index, source in enumerate(order):
-            label, model, tokenizer = panes[source]
-            shown = f"pane {index + 1}" if blind else label
-            histories[index].append({"role": "assistant", "content": ""})
-            # closing(): a cancelled request closes this generator, and with it the generation thread
-            with closing(stream(model, tokenizer, prompt, sampling, max_prompt_tokens=limit("prompt_tokens"))) as pieces:
-                for piece in pieces:
-                    if isinstance(piece, str):
-                        histories[index][-1]["content"] += piece
-                    else:
-                        speeds[index] = f"{shown}: {piece.new_tokens} tokens, {piece.tokens_per_second:.1f} tokens/s"
-                    yield (*histories, " · ".join(s for s in speeds if s))
+        # the merge keeps the third pane; with one parent the second pane stays empty
+        slots = list(range(len(panes) - 1)) + [2]
+        missing = [f"model {label}" for label in PARENT_PANES[len(panes) - 1:]]
+        notes = ([f"this recipe names {len(panes) - 1} model(s): no {' or '.join(missing)} to show"] if missing else []) + (
+            [f"not shown: {', '.join(without_pane)} (the arena has panes for two parents)"] if without_pane else [])
+        histories = [[{"role": "assistant", "content": f"({notes[0]})"}] if notes else [] for _ in range(3)]
+        labels = ["an empty pane"] * 3
+        for slot, source in zip(slots, order):
+            histories[slot] = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+            labels[slot] = panes[source][0]
+        session.blind_order = labels if blind else None
+        shown = [f"pane {slot + 1}" if blind else labels[slot] for slot in slots]
+        speeds = [""] * len(panes)
+
+        def page():
+            return (*histories, " · ".join([s for s in speeds if s] + notes))
+
+        # closing(): a cancelled request closes the stream, and with it every generation thread
+        with closing(stream_many([(panes[source][1], panes[source][2]) for source in order], prompt, sampling,
+                                 max_prompt_tokens=limit("prompt_tokens"))) as pieces:
+            for index, piece in pieces:
+                if isinstance(piece, str):
+                    histories[slots[index]][-1]["content"] += piece
+                else:
+                    speeds[index] = f"{shown[index]}: {piece.new_tokens} tokens, {piece.tokens_per_second:.1f} tokens/s"
+                yield page()
 
 
 @handler
@@ -233,7 +247,11 @@ def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, cou
 @handler
 def read_layers(recipe: str, request: gr.Request = None):
     """The recipe's t as control points for attention, MLP and the rest, and their values."""
-    config = _config(recipe)
+    return layer_views(_config(recipe))
+
+
+def layer_views(config: MergeConfig):
+    """The config's t as (attention, MLP, other) control points, and the plot of their values."""
     count, filters = layer_facts(config)
     points = points_from_config(config, "t", filters)
     figure = layers.values_figure(*points, count, _names(config))
@@ -269,6 +287,84 @@ def forget_session(request: gr.Request) -> None:
     SESSIONS.drop(session_hash(request))
 
 
+T_LABEL = "t (0 = base model A, 1 = model B)"
+T_PER_LAYER = "t varies per layer in this recipe: moving this sets one t everywhere"
+STALE_MERGE = ("The merged model{entry} is from an **older recipe**: the recipe changed since. "
+               "Press **Merge** to bring it up to date.")
+STALE_ANSWERS = "*These answers came from an older recipe's merge: merge and ask again.*"
+STALE_WEIGHTS = "*These plots are from an older recipe: press Show diagnostics again.*"
+
+
+def recipe_key(recipe: str) -> str:
+    """The recipe as its config writes it, so that spacing and comments are no change; as
+    typed when it does not read."""
+    try:
+        return recipe_from_text(recipe or "").to_yaml()
+    except Exception:  # half-typed: any change of text is a change
+        return (recipe or "").strip()
+
+
+def _t_views(recipe: str, config: MergeConfig, layered: Optional[str]):
+    """The slider, its note and the bring-back button as the recipe's t says; and the
+    per-layer recipe kept for bringing back (this one, when its t varies per layer)."""
+    parameter = next((p for p in config.method.global_parameters if p.name == "t"), None)
+    if parameter is None:
+        return (gr.update(label=f"t: {config.merge_method} has no t (its parameters are in the recipe)",
+                          interactive=False), "", gr.update(visible=False), layered)
+    setting = (config.parameters or {}).get("t", parameter.default)
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        if layered is not None and set(_config(layered).referenced_models()) == set(config.referenced_models()):
+            return (gr.update(value=float(setting), label=T_LABEL, interactive=True),
+                    f"One t = {float(setting):g} everywhere now; the per-layer t it replaced is kept.",
+                    gr.update(visible=True), layered)
+        return gr.update(value=float(setting), label=T_LABEL, interactive=True), "", gr.update(visible=False), None
+    count, filters = layer_facts(config)
+    values = [v for points in points_from_config(config, "t", filters) for v in expand(points, count)]
+    return (gr.update(value=round(sum(values) / len(values), 4), label=T_PER_LAYER, interactive=True),
+            f"t varies per layer ({min(values):.3g} to {max(values):.3g}; see *Per-layer t*). "
+            "Moving the slider replaces it with one t, and keeps it to bring back.",
+            gr.update(visible=False), recipe)
+
+
+def _layer_views(config: MergeConfig):
+    """The per-layer panel's control points and plot as the recipe says (a method without t: empty)."""
+    try:
+        return layer_views(config)
+    except MergeError:
+        return "", "", "", None
+
+
+@handler
+def recipe_views(recipe: str, merged: Optional[dict], asked: Optional[str], diagnosed: Optional[str],
+                 layered: Optional[str], request: gr.Request = None):
+    """Every view of the recipe, after any change of it: the t slider (its value, or marked as
+    varying per layer), the per-layer panel and plot, and the status, answers and plots marked
+    when they belong to an older recipe. A recipe that does not read yet changes only the marks."""
+    key = recipe_key(recipe)
+    if merged is None:
+        status = gr.update()
+    elif merged["recipe"] == key:
+        status = merged["status"]
+    else:
+        status = STALE_MERGE.format(entry=f" (history #{merged['entry']})" if merged.get("entry") else "")
+    marks = (status, STALE_ANSWERS if asked is not None and asked != key else "",
+             STALE_WEIGHTS if diagnosed is not None and diagnosed != key else "")
+    try:
+        config = _config(recipe)
+        views = (*_t_views(recipe, config, layered), *_layer_views(config))
+    except Exception:
+        views = (gr.update(),) * 3 + (layered,) + (gr.update(),) * 4
+    return (*views, *marks)
+
+
+def merged_record(recipe: str, status: str, merged: Optional[dict]) -> Optional[dict]:
+    """What the session's merged model was built from, after a merge that succeeded."""
+    if not str(status or "").startswith("**Merged**"):
+        return merged
+    entry = re.search(r"history #(\d+)", status)
+    return {"recipe": recipe_key(recipe), "status": status, "entry": entry[1] if entry else None}
+
+
 def build_lab(family: Optional[dict]):
     """The lab's components; returns its recipe box and a function that chains a merge of
     it after another event (the sweep tab loads points into the box that way)."""
@@ -277,14 +373,46 @@ def build_lab(family: Optional[dict]):
         with gr.Column(scale=3):
             recipe = gr.Code(recipe_text, language="yaml", label="Recipe (mergekit YAML)")
         with gr.Column(scale=2):
-            t = gr.Slider(0, 1, value=0.5, step=0.05, label="t (0 = base model A, 1 = model B)")
+            t = gr.Slider(0, 1, value=0.5, step=0.05, label=T_LABEL)
+            t_note = gr.Markdown()
+            bring_back = gr.Button("Bring back the per-layer t", size="sm", visible=False)
             merge = gr.Button("Merge", variant="primary")
             status = gr.Markdown("Press **Merge** to build the merged model.")
             trust = gr.Checkbox(False, label="trust remote code: run the model repos' own Python "
                                 "(only for architectures transformers lacks)", visible=not is_public_deployment())
-    build_builder(recipe, family)
+    merged, asked, diagnosed, layered = gr.State(None), gr.State(None), gr.State(None), gr.State(None)
     t.input(set_t, inputs=[recipe, t], outputs=recipe, api_name="set_t")
-    merge.click(merge_recipe, inputs=[recipe, trust], outputs=status, api_name="merge", **heavy_queue())
+    bring_back.click(lambda kept: kept, inputs=layered, outputs=recipe, api_name="bring_back_layers")
+    page_and_api(merge.click, merge_recipe, inputs=[recipe, trust], outputs=status, api_name="merge", **heavy_queue(
+        )).then(merged_record, inputs=[recipe, status, merged], outputs=merged, api_visibility="private")
+
+    with gr.Row():
+        panes = [gr.Chatbot(label=label, height=230, elem_classes=["arena-pane"])
+                 for label in ("model A", "model B", "merged")]
+    speed = gr.Markdown()
+    arena_note = gr.Markdown()
+    with gr.Row():
+        prompt = gr.Textbox("Reverse the words: red lamp quiet", label="Prompt", scale=4)
+        send = gr.Button("Ask all three", variant="primary", scale=1)
+        reset = gr.Button("Clear", scale=1)
+    with gr.Row():
+        max_new_tokens = gr.Slider(1, 256, value=32, step=1, label="max new tokens")
+        temperature = gr.Slider(0, 1.5, value=0, step=0.05, label="temperature (0 = greedy)")
+        seed = gr.Number(0, precision=0, label="seed")
+        blind = gr.Checkbox(False, label="blind: shuffle the panes and hide their names until you vote")
+    with gr.Row():
+        again = gr.Button("Regenerate all")
+        choice = gr.Radio(["pane 1", "pane 2", "pane 3"], label="which answer is best?")
+        vote_button = gr.Button("Vote and reveal")
+    revealed = gr.Markdown()
+    arena_inputs = [prompt, max_new_tokens, temperature, seed, blind]
+    for button, name in ((send, "ask"), (again, "regenerate")):
+        button.click(ask, inputs=arena_inputs, outputs=[*panes, speed], api_name=name).success(
+            lambda record: record and record["recipe"], inputs=merged, outputs=asked, api_visibility="private")
+    reset.click(clear, outputs=[*panes, speed], api_name="clear")
+    vote_button.click(vote, inputs=choice, outputs=revealed, api_name="vote")
+
+    build_builder(recipe, family)
 
     with gr.Accordion("Per-layer t: control points for attention, MLP and the rest", open=False):
         with gr.Row():
@@ -340,30 +468,6 @@ def build_lab(family: Optional[dict]):
     edit.click(edit_layers, inputs=[recipe, attention, mlp, other, module, operation, first, last, amount],
                outputs=[attention, mlp, other, recipe, curve], api_name="edit_layers")
 
-    gr.Markdown("### Arena: the same prompt, seed and sampling for A, B and the merge")
-    with gr.Row():
-        panes = [gr.Chatbot(label=label, height=260) for label in ("model A", "model B", "merged")]
-    speed = gr.Markdown()
-    with gr.Row():
-        prompt = gr.Textbox("Reverse the words: red lamp quiet", label="Prompt", scale=4)
-        send = gr.Button("Ask all three", variant="primary", scale=1)
-        reset = gr.Button("Clear", scale=1)
-    with gr.Row():
-        max_new_tokens = gr.Slider(1, 256, value=32, step=1, label="max new tokens")
-        temperature = gr.Slider(0, 1.5, value=0, step=0.05, label="temperature (0 = greedy)")
-        seed = gr.Number(0, precision=0, label="seed")
-        blind = gr.Checkbox(False, label="blind: shuffle the panes and hide their names until you vote")
-    with gr.Row():
-        again = gr.Button("Regenerate all")
-        choice = gr.Radio(["pane 1", "pane 2", "pane 3"], label="which answer is best?")
-        vote_button = gr.Button("Vote and reveal")
-    revealed = gr.Markdown()
-    arena_inputs = [prompt, max_new_tokens, temperature, seed, blind]
-    send.click(ask, inputs=arena_inputs, outputs=[*panes, speed], api_name="ask")
-    again.click(ask, inputs=arena_inputs, outputs=[*panes, speed], api_name="regenerate")
-    reset.click(clear, outputs=[*panes, speed], api_name="clear")
-    vote_button.click(vote, inputs=choice, outputs=revealed, api_name="vote")
-
     gr.Markdown("### Weights")
     with gr.Row():
         metric = gr.Dropdown(list(METRICS), value="angle_deg", label="metric")
@@ -371,14 +475,23 @@ def build_lab(family: Optional[dict]):
     with gr.Row():
         plot = gr.Plot(label="layers x module types")
         curves = gr.Plot(label="per layer, with the merge's t (x: slerp falls back to linear)")
+    weights_note = gr.Markdown()
     table = gr.JSON(label="records", visible=False)
     show.click(show_diagnostics, inputs=[recipe, metric], outputs=[plot, curves, table], api_name="diagnostics",
-               **heavy_queue())
+               **heavy_queue()).success(recipe_key, inputs=recipe, outputs=diagnosed, api_visibility="private")
+    # the recipe is the one source of truth: after any change of it (or of what was built
+    # from it) every view shows what it says, or is marked as from an older recipe
+    view_inputs = [recipe, merged, asked, diagnosed, layered]
+    view_outputs = [t, t_note, bring_back, layered, attention, mlp, other, curve, status, arena_note, weights_note]
+    for trigger in (recipe.change, merged.change, asked.change, diagnosed.change):
+        trigger(recipe_views, inputs=view_inputs, outputs=view_outputs, api_visibility="private",
+                show_progress="hidden", trigger_mode="always_last")
 
     build_publish_panel(recipe)
 
     def merge_after(event):
         """Chain a merge of the recipe box after `event` (which wrote into it)."""
-        return event.then(merge_recipe, inputs=[recipe, trust], outputs=status, **heavy_queue())
+        return event.then(merge_recipe, inputs=[recipe, trust], outputs=status, **heavy_queue()).then(
+            merged_record, inputs=[recipe, status, merged], outputs=merged, api_visibility="private")
 
     return recipe, merge_after

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import time
+from contextlib import closing
 from typing import Optional
 
 import gradio as gr
@@ -146,9 +147,10 @@ def routing_figure(probabilities, names: list[str], per_token: int) -> go.Figure
 @gpu
 @handler
 def ask(prompt: str, max_new_tokens: float, temperature: float, seed: float, request: gr.Request = None):
-    """The MoE's answer, its tokens coloured by expert, and the routers' choice per layer."""
+    """The MoE's answer streamed as it is generated; at the end its tokens coloured by
+    expert and the routers' choice per layer (one more forward pass over the answer)."""
     from merging.limits import limit
-    from merging.routing import generate_routed
+    from merging.routing import RoutedAnswer, stream_routed
 
     from .lab import arena_sampling
 
@@ -157,14 +159,25 @@ def ask(prompt: str, max_new_tokens: float, temperature: float, seed: float, req
             as session:
         model, tokenizer, names = session.moe
         started = time.perf_counter()
-        answer = generate_routed(model, tokenizer, prompt, sampling, max_prompt_tokens=limit("prompt_tokens"))
+        text, answer = "", None
+        # closing(): a cancelled request closes the stream, and with it the generation thread
+        with closing(stream_routed(model, tokenizer, prompt, sampling,
+                                   max_prompt_tokens=limit("prompt_tokens"))) as pieces:
+            for piece in pieces:
+                if isinstance(piece, RoutedAnswer):
+                    answer = piece
+                    continue
+                text += piece
+                history = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
+                yield (history, "", gr.update(),
+                       f"generating ... {time.perf_counter() - started:.1f} s; the routing follows the answer")
     seconds = time.perf_counter() - started
     counts = [answer.answer_experts.count(i) for i in range(len(names))]
     summary = ", ".join(f"{names[i]} {count}" for i, count in enumerate(counts))
     history = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer.text}]
-    return (history, token_strip(answer.tokens, answer.answer_experts, answer.answer_shares, names),
-            routing_figure(answer.last_prompt_token, names, model.config.num_experts_per_tok),
-            f"{len(answer.tokens)} tokens in {seconds:.1f} s; tokens per expert: {summary}")
+    yield (history, token_strip(answer.tokens, answer.answer_experts, answer.answer_shares, names),
+           routing_figure(answer.last_prompt_token, names, model.config.num_experts_per_tok),
+           f"{len(answer.tokens)} tokens in {seconds:.1f} s; tokens per expert: {summary}")
 
 
 def build_moe_panel(family: Optional[dict]) -> gr.Code:

@@ -11,10 +11,11 @@ from pathlib import Path
 import gradio as gr
 
 from merging import MergeConfig, MergeError, merge, plan_stages
+from merging.errors import FolderNotEmpty
 from merging.limits import check as check_limit, is_public_deployment
 from merging.plan import format_bytes
 
-from .common import handler, heavy_queue, read_recipe, session_hash, user_key
+from .common import handler, heavy_queue, page_and_api, read_recipe, session_hash, user_key
 from .session import SESSIONS, history
 
 
@@ -33,28 +34,32 @@ def scores_section(recipe: str, user: str) -> str:
     return f"## Scores\n\nMeasured in MergeLab (history #{entry.id}):\n\n| score | value |\n|---|---|\n{rows}"
 
 
-def _merge(recipe: str, target: Path, user: str, progress) -> Path:
+def _merge(recipe: str, target: Path, user: str, progress, overwrite: bool = False) -> Path:
     """The recipe's merge into `target`, once its size is within the output limit."""
     config = _config(recipe)
     plans = plan_stages(config)
     size = plans[-1].output_bytes
     check_limit("output_bytes", size, f"this merge writes {format_bytes(size)}")
-    return merge(config, target, card_extra=scores_section(recipe, user), plans=plans,
+    return merge(config, target, card_extra=scores_section(recipe, user), plans=plans, overwrite=overwrite,
                  progress=lambda done, total, name: progress(done / total, desc=f"merging {name}"))
 
 
 @handler
-def save_merge(recipe: str, folder: str, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
-               progress=gr.Progress()) -> str:
-    """Write the recipe's merge to a folder with its model card (merge(), atomic). Not on a
-    public deployment: the server's disk is not the visitor's (publish to the hub instead)."""
+def save_merge(recipe: str, folder: str, overwrite: bool = False, request: gr.Request = None,
+               profile: gr.OAuthProfile | None = None, progress=gr.Progress()) -> str:
+    """Write the recipe's merge to a folder with its model card (merge(), atomic); a folder
+    holding files is replaced only with `overwrite`. Not on a public deployment: the server's
+    disk is not the visitor's (publish to the hub instead)."""
     if is_public_deployment():
         raise MergeError("saving to the server's disk is off on a public deployment; publish to the hub instead")
     _config(recipe)
     if not folder or not folder.strip():
         raise MergeError("give a folder to save the merged model in")
     target = Path(folder).expanduser()
-    _merge(recipe, target, user_key(request, profile), progress)
+    try:
+        _merge(recipe, target, user_key(request, profile), progress, overwrite=bool(overwrite))
+    except FolderNotEmpty as error:
+        raise MergeError(f"{error}: tick 'overwrite the folder'") from None
     return f"**Saved** to `{target}`: weights, config, tokenizer and a model card with the recipe."
 
 
@@ -87,9 +92,11 @@ def build_publish_panel(recipe: gr.Code) -> None:
     gr.Markdown("### Save or publish")
     with gr.Row(visible=not is_public_deployment()):  # the server's disk is not a visitor's
         folder = gr.Textbox("merged-model", label="folder", scale=4)
+        overwrite = gr.Checkbox(False, label="overwrite the folder", scale=1)
         save = gr.Button("Save the merged model", scale=1)
     saved = gr.Markdown()
-    save.click(save_merge, inputs=[recipe, folder], outputs=saved, api_name="save", **heavy_queue())
+    page_and_api(save.click, save_merge, inputs=[recipe, folder, overwrite], outputs=saved, api_name="save",
+                 **heavy_queue())
     with gr.Row():
         if os.environ.get("OAUTH_CLIENT_ID"):  # a Space with hf_oauth; elsewhere a token or hf auth login
             gr.LoginButton(scale=1)
@@ -100,5 +107,5 @@ def build_publish_panel(recipe: gr.Code) -> None:
                                                                        else "your hf auth login") + ")")
         push = gr.Button("Publish to the hub", scale=1)
     published = gr.Markdown()
-    push.click(publish, inputs=[recipe, repo, private, token], outputs=published, api_name="publish",
-               **heavy_queue())
+    page_and_api(push.click, publish, inputs=[recipe, repo, private, token], outputs=published, api_name="publish",
+                 **heavy_queue())

@@ -13,7 +13,7 @@ import gradio as gr
 from merging import plan_stages
 from merging.config import check_strict, recipe_from_text
 
-from .common import handler
+from .common import handler, page_and_api
 
 DEMO_RECIPE = """\
 models:
@@ -74,4 +74,4 @@ def build_recipe_panel(family: Optional[dict] = None) -> None:
         check = gr.Button("Check recipe", variant="primary")
         strict = gr.Checkbox(False, label="strict: keys that have no effect (mergekit ignores them) are errors")
     plan = gr.Markdown()
-    check.click(check_recipe, inputs=[recipe, strict], outputs=plan, api_name="check_recipe")
+    page_and_api(check.click, check_recipe, inputs=[recipe, strict], outputs=plan, api_name="check_recipe")

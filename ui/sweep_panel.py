@@ -117,11 +117,22 @@ def sweep_figure(rows: list[dict], names: list[str], parameter: str) -> go.Figur
         figure.add_trace(go.Scatter(x=[r["value"] for r in rows], y=[r[name] for r in rows], name=name,
                                     mode="lines+markers", yaxis="y2" if accuracy else "y",
                                     line={"dash": "dot" if accuracy else "solid"}))
-    figure.update_layout(xaxis_title=parameter, height=340, margin={"l": 60, "r": 60, "t": 20, "b": 40},
-                         yaxis={"title": "perplexity", "type": "log"},
-                         yaxis2={"title": "probe accuracy", "overlaying": "y", "side": "right", "range": [0, 1.05]},
-                         legend={"orientation": "h", "y": 1.12})
+    # the legend in the top margin, above the data; axes grow their margins for whole titles
+    figure.update_layout(xaxis={"title": {"text": parameter}, "automargin": True}, height=360,
+                         margin={"l": 60, "r": 60, "t": 50, "b": 40},
+                         yaxis={"title": {"text": "perplexity"}, "type": "log", "automargin": True},
+                         yaxis2={"title": {"text": "probe accuracy"}, "overlaying": "y", "side": "right",
+                                 "range": [0, 1.05], "automargin": True},
+                         legend={"orientation": "h", "xref": "container", "x": 0.01, "yref": "container",
+                                 "y": 0.99, "yanchor": "top"})
     return figure
+
+
+def empty_table(parameter: str = "value") -> dict:
+    """The table before a sweep: its real headers (the parameter, every score, the history
+    id) and no rows, not a grid numbered 1 2 3."""
+    return {"headers": [parameter, "ppl A", "ppl B", *[f"{s.split()[0]} probes" for s in PROBE_SETS], "history id"],
+            "data": []}
 
 
 def _write_csv(path: Path, rows: list[dict], names: list[str], parameter: str) -> str:
@@ -245,7 +256,7 @@ def build_sweep_panel(lab_recipe: gr.Code, family: Optional[dict], after_load, t
     status = gr.Markdown()
     with gr.Row():
         plot = gr.Plot(label="scores along the sweep")
-    table = gr.Dataframe(label="scores", interactive=False)
+    table = gr.Dataframe(empty_table(), label="scores", interactive=False)
     with gr.Row():
         csv_file = gr.File(label="the table as CSV", interactive=False)
         point = gr.Dropdown([], label="load a point into the Lab (and merge it)", type="value")

@@ -6,6 +6,7 @@ declarations, so adding a method is one module that calls `register`.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -236,6 +237,9 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        if close:  # a typo: the one close name, not the whole list
+            raise MergeError(f"unknown merge_method {name!r}; did you mean {close[0]}?") from None
         known = ", ".join(sorted(METHODS))
         raise MergeError(f"unknown merge_method {name!r}; known methods: {known}") from None
 
