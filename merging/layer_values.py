@@ -1,7 +1,7 @@
-"""Per-layer values of an interpolation parameter such as slerp's t: control points for
-attention, MLP and the rest, written into a recipe as a `filter` list and read back,
-expanded to one value per layer by mergekit's gradient rule, and edited on a range of
-layers. The UI's per-layer controls and the sweeps over a layer range both use them.
+"""Per-layer values of a numeric parameter (slerp's t, or a model's own weight or density in
+TIES): control points for attention, MLP and the rest, written into a recipe as a `filter`
+list and read back, expanded to one value per layer by mergekit's gradient rule, and edited
+on a range of layers. The UI's per-layer controls and the sweeps over a layer range both use them.
 """
 
 from __future__ import annotations
@@ -35,48 +35,95 @@ def _setting(values: list[float]):
     return values[0] if len(values) == 1 else values
 
 
+def models_with_parameters(method, models: list[str], base: Optional[str]) -> list[str]:
+    """The models that take per-model parameters: all but the base, or, for methods that
+    treat the base as one more input (linear, karcher, passthrough), the base too."""
+    others = [m for m in dict.fromkeys(models or []) if m != base]
+    return ([base] + others) if method.base == "ignored" and base else others
+
+
 def layer_parameters(config: MergeConfig) -> list[str]:
-    """The method's global numeric parameters: those one value per layer can shape."""
-    return [p.name for p in config.method.global_parameters if p.kind in (float, int)]
+    """What one value per layer can shape, as `with_parameter` names it: the method's global
+    numeric parameters (`t`), then each per-model one for each model that takes it
+    (`weight@MODEL`, `density@MODEL`)."""
+    method = config.method
+    numeric = [p for p in method.parameters if p.kind in (float, int)]
+    names = [p.name for p in numeric if not p.per_model]
+    owners = models_with_parameters(method, [e.model for e in config.model_entries()], config.base_model)
+    return names + [f"{p.name}@{model}" for model in owners for p in numeric if p.per_model]
 
 
-def require_layer_parameter(config: MergeConfig, name: str) -> None:
-    """A MergeError naming what the method has, when it has no global numeric `name`."""
-    if name in layer_parameters(config):
+def parameter_bounds(config: MergeConfig, key: str) -> tuple[Optional[float], Optional[float]]:
+    """The (low, high) a value of `key` (see layer_parameters) must stay within; None: open."""
+    declared = next(p for p in config.method.parameters if p.name == key.partition("@")[0])
+    return declared.low, declared.high
+
+
+def require_layer_parameter(config: MergeConfig, key: str) -> None:
+    """A MergeError naming what the method has, when `key` is not one it can shape per layer."""
+    shaped = layer_parameters(config)
+    if key in shaped:
         return
     method = config.method
+    name, _, model = key.partition("@")
     own = ", ".join([f"{p.name} (per model)" if p.per_model else p.name for p in method.parameters]) or "none"
-    shaped = layer_parameters(config)
-    hint = (f"; per layer it can take {', '.join(shaped)}" if shaped else
-            "; it has no global value to shape per layer (set per-model values in Build a recipe)")
+    if model and any(p.name == name and p.per_model for p in method.parameters):
+        raise MergeError(f"{config.merge_method} takes no '{name}' for '{model}': the models that take one are "
+                         f"{', '.join(k.partition('@')[2] for k in shaped if k.startswith(name + '@')) or 'none'}")
+    hint = f"; per layer it can take {', '.join(_readable(k) for k in shaped)}" if shaped else (
+        "; it has no numeric value to shape per layer")
     raise MergeError(f"{config.merge_method} has no '{name}': its parameters are {own}{hint}")
 
 
-def with_layer_points(config: MergeConfig, name: str, attention: list[float], mlp: list[float],
+def _readable(key: str) -> str:
+    name, _, model = key.partition("@")
+    return f"{name} of {model.rstrip('/').split('/')[-1]}" if model else name
+
+
+def _holders(config: MergeConfig, key: str) -> list:
+    """Where `key`'s setting lives: the model's own entries (in `models` or slice sources) for
+    `name@MODEL`, else the top level."""
+    name, _, model = key.partition("@")
+    return [e for e in config.model_entries() if e.model == model] if model else [config]
+
+
+def with_layer_points(config: MergeConfig, key: str, attention: list[float], mlp: list[float],
                       other: list[float], filters: tuple[str, str] = FILTERS) -> MergeConfig:
-    """The config with `name` set as [attention points, mlp points, the rest], the first two
-    as `filters` (see module_filters). Refused for a parameter the method does not declare
-    globally: the merge would ignore it."""
-    require_layer_parameter(config, name)
+    """The config with `key` (a global parameter, or `name@MODEL`: that model's own) set as
+    [attention points, mlp points, the rest], the first two as `filters` (see
+    module_filters). Refused for a parameter the method does not declare: the merge would
+    ignore it."""
+    require_layer_parameter(config, key)
+    name, _, model = key.partition("@")
     changed = copy.deepcopy(config)
-    changed.parameters = {**(changed.parameters or {}), name: [
+    setting = [
         {"filter": filters[0], "value": _setting(attention)},
         {"filter": filters[1], "value": _setting(mlp)},
         {"value": _setting(other)},
-    ]}
-    # a slice's own value would shadow the new one; in a `modules` recipe the per-layer values
-    # are the text decoder's (the other modules keep a value of their own)
-    changed.drop_shadowing(name, changed.text_module())
+    ]
+    for holder in _holders(changed, key):
+        holder.parameters = {**(holder.parameters or {}), name: copy.deepcopy(setting)}
+    if not model:
+        # a slice's own value would shadow the new one; in a `modules` recipe the per-layer
+        # values are the text decoder's (the other modules keep a value of their own)
+        changed.drop_shadowing(name, changed.text_module())
     changed.check()
     return changed
 
 
-def points_from_config(config: MergeConfig, name: str, filters: tuple[str, str] = FILTERS
+def points_from_config(config: MergeConfig, key: str, filters: tuple[str, str] = FILTERS
                        ) -> tuple[list[float], list[float], list[float]]:
-    """Read (attention, MLP, other) control points back from the top-level parameter."""
-    setting = (config.parameters or {}).get(name)
+    """Read (attention, MLP, other) control points back for `key` (see with_layer_points): a
+    model's own setting, else the top level's (mergekit's lookup order), else the method's
+    default."""
+    name, _, model = key.partition("@")
+    scopes = [h.parameters or {} for h in _holders(config, key)] + ([config.parameters or {}] if model else [])
+    setting = next((scope[name] for scope in scopes if scope.get(name) is not None), None)
     if setting is None:
-        raise MergeError(f"the recipe sets no top-level '{name}'")
+        declared = next((p for p in config.method.parameters if p.name == name), None)
+        if declared is None or declared.required or not isinstance(declared.default, (int, float)):
+            raise MergeError(f"the recipe sets no '{_readable(key)}'")
+        setting = declared.default
 
     def values(value) -> list[float]:
         return [float(v) for v in value] if isinstance(value, list) else [float(value)]
@@ -85,16 +132,16 @@ def points_from_config(config: MergeConfig, name: str, filters: tuple[str, str] 
         return values(setting), values(setting), values(setting)
     found = {}
     for entry in setting:
-        key = entry.get("filter")
-        key = None if key in (None, "*") else key
-        found.setdefault(key, values(entry["value"]))
+        key_text = entry.get("filter")
+        key_text = None if key_text in (None, "*") else key_text
+        found.setdefault(key_text, values(entry["value"]))
     fallback = found.get(None)
     result = []
-    for key in tuple(filters) + (None,):
-        if key in found or fallback is not None:
-            result.append(found.get(key, fallback))
+    for filter_text in tuple(filters) + (None,):
+        if filter_text in found or fallback is not None:
+            result.append(found.get(filter_text, fallback))
         else:
-            raise MergeError(f"'{name}' has no value for {key or 'the other tensors'}")
+            raise MergeError(f"'{_readable(key)}' has no value for {filter_text or 'the other tensors'}")
     return tuple(result)
 
 

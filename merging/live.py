@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -104,10 +104,12 @@ class LiveMerge:
     base's storage dtype); `seed` seeds random methods per tensor, so the same settings
     always give the same model; `cache_budget_bytes` bounds the cache of pruned task
     vectors that makes weight and lambda changes of TIES/DARE merges skip the pruning.
+    `progress(done, total)` (here and in `update`) is called after each tensor merged.
     """
 
     def __init__(self, config, device: str = "auto", *, dtype: Optional[str] = None, seed: int = 0,
-                 cache_budget_bytes: int = 1 << 30, trust_remote_code: bool = False):
+                 cache_budget_bytes: int = 1 << 30, trust_remote_code: bool = False,
+                 progress: Optional[Callable[[int, int], None]] = None):
         self.device = resolve_device(device)
         self.seed = seed
         self.requested_dtype = dtype
@@ -118,7 +120,7 @@ class LiveMerge:
         self.checkpoints: dict[str, Checkpoint] = {}
         self.model = None
         self.tokenizer = None
-        self.last_stats = self._build(self._single(config), "first build")
+        self.last_stats = self._build(self._single(config), "first build", progress)
 
     # ---- building ------------------------------------------------------------------
     @staticmethod
@@ -134,7 +136,7 @@ class LiveMerge:
         self.checkpoints.update(open_checkpoints(config, known=self.checkpoints))
         return {name: self.checkpoints[name] for name in config.referenced_models()}
 
-    def _build(self, config: MergeConfig, reason: str) -> UpdateStats:
+    def _build(self, config: MergeConfig, reason: str, progress=None) -> UpdateStats:
         started = time.perf_counter()
         plan = plan_merge(config, self._open(config))
         fetch_weights(plan)
@@ -143,7 +145,7 @@ class LiveMerge:
         reference = plan.config.base_model or plan.config.referenced_models()[0]
         sink = self.sink = ModelSink(model, plan.checkpoints[reference].layout.structure)
         signatures = {}
-        for task in plan.tasks:
+        for done, task in enumerate(plan.tasks):
             if not sink.has(task.name):
                 raise MergeError(f"the {type(model).__name__} built from the merged config has no tensor "
                                  f"'{task.name}'")
@@ -151,6 +153,8 @@ class LiveMerge:
                                                 statistics_cache=self.statistics_cache, scratch=self.scratch,
                                                 cache=self.tensor_cache))
             signatures[task.name] = task_signature(plan, task, self.seed)
+            if progress is not None:
+                progress(done + 1, len(plan.tasks))
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
         model.eval()
@@ -217,36 +221,36 @@ class LiveMerge:
         return tokenizer
 
     # ---- updating ------------------------------------------------------------------
-    def update(self, config) -> UpdateStats:
+    def update(self, config, progress: Optional[Callable[[int, int], None]] = None) -> UpdateStats:
         """Re-merge for `config`: recompute only the tensors whose inputs or resolved
         parameters changed, writing them into the model's parameters in place. Other
         models, or a different layer layout (e.g. new passthrough slices), rebuild."""
         config = self._single(config)
         started = time.perf_counter()
         if set(config.referenced_models()) != set(self.config.referenced_models()):
-            self.last_stats = self._build(config, "the models changed")
+            self.last_stats = self._build(config, "the models changed", progress)
             return self.last_stats
         plan = plan_merge(config, self._open(config))
         layout = [(t.name, t.shape) for t in plan.tasks]
         if layout != [(t.name, t.shape) for t in self.plan.tasks] or plan.out_config != self.plan.out_config:
-            self.last_stats = self._build(config, "the output's layers or shapes changed")
+            self.last_stats = self._build(config, "the output's layers or shapes changed", progress)
             return self.last_stats
         dtype = self._model_dtype(plan)
         if dtype != self._model_dtype(self.plan):
-            self.last_stats = self._build(config, "the model dtype changed")
+            self.last_stats = self._build(config, "the model dtype changed", progress)
             return self.last_stats
         sink = self.sink
-        recomputed = 0
+        signatures = {task.name: task_signature(plan, task, self.seed) for task in plan.tasks}
+        changed = [task for task in plan.tasks if self.signatures.get(task.name) != signatures[task.name]]
         with torch.no_grad():
-            for task in plan.tasks:
-                signature = task_signature(plan, task, self.seed)
-                if self.signatures.get(task.name) == signature:
-                    continue
+            for done, task in enumerate(changed):
                 sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
                                                     statistics_cache=self.statistics_cache,
                                                     scratch=self.scratch, cache=self.tensor_cache))
-                self.signatures[task.name] = signature
-                recomputed += 1
+                self.signatures[task.name] = signatures[task.name]
+                if progress is not None:
+                    progress(done + 1, len(changed))
+        recomputed = len(changed)
         if plan.tokenizer_donor != self.plan.tokenizer_donor or config.chat_template != self.config.chat_template:
             self.tokenizer = self._tokenizer(plan)
         self.plan, self.config = plan, config

@@ -89,6 +89,19 @@ class MergePlan:
         return sum(task.nbytes for task in self.tasks)
 
     @property
+    def live_model_bytes(self) -> int:
+        """The merged model's size in memory as LiveMerge builds it: in the recipe's out_dtype
+        or dtype, else in each tensor's own."""
+        dtype = TORCH_DTYPES.get(self.config.out_dtype or self.config.dtype or "")
+        return sum(task.nbytes // task.out_dtype.itemsize * (dtype.itemsize if dtype else task.out_dtype.itemsize)
+                   for task in self.tasks)
+
+    @property
+    def source_bytes(self) -> int:
+        """The source checkpoints' tensors, as stored (mapped from disk while merging)."""
+        return sum(info.nbytes for ckpt in self.checkpoints.values() for info in ckpt.tensors.values())
+
+    @property
     def disk_bytes(self) -> int:
         """What the output folder will take on disk: tensors, the files copied from the
         tokenizer donor, and a margin for the small files the merge writes itself."""

@@ -1,9 +1,15 @@
-"""Shared fixtures: a family of tiny Llama models built once per test session."""
+"""Shared fixtures: tiny model families, the demo family and the app server, built once per
+test session."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -36,14 +42,70 @@ def tiny(tmp_path_factory) -> Family:
     return family
 
 
-@pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory) -> Path:
-    """A MERGELAB_CACHE root holding the demo family, built once from the shipped adapters."""
-    from merging.demo import build_family
+@dataclass
+class FirstStart:
+    """The session's server, started as a new user starts `python app.py`: on an empty cache,
+    so that it builds the demo family itself (once for the whole test session), and what the
+    first start showed meanwhile (checked in test_browser_errors)."""
 
-    root = tmp_path_factory.mktemp("mergelab-cache")
-    build_family(root / "demo")
-    return root
+    app: object  # benchmarks/visitors.Server
+    cache: Path
+    answered_after: Optional[float] = None  # seconds until the port answered
+    starting_page: Optional[bool] = None  # the port served the starting page, not a closed port
+    shown: str = ""  # the starting page's texts
+    statuses: list = field(default_factory=list)  # what its progress said, in order
+    built_after_answer: Optional[float] = None  # seconds from the first answer to the Lab
+    log_when_ready: str = ""
+    problem: Optional[str] = None
+
+
+def _watch_first_start(start: FirstStart, started: float) -> None:
+    """Follow the first start until the Lab is served, recording what a visitor saw."""
+    from visitors import RawVisitor
+
+    app = start.app
+    while app.starting() is None and time.time() - started < 120 and app.alive():
+        time.sleep(0.2)
+    start.answered_after = time.time() - started
+    start.starting_page = app.starting()
+    try:
+        with urllib.request.urlopen(f"{app.url}config", timeout=10) as response:
+            config = json.loads(response.read())
+        start.shown = json.dumps([c.get("props", {}).get("value") for c in config["components"]])
+        visitor = RawVisitor(app.url)
+        while app.starting() is True:
+            said = visitor.call("startup_progress") or ""
+            if not start.statuses or start.statuses[-1] != said:
+                start.statuses.append(said)
+            time.sleep(0.5)
+    except Exception as error:  # the starting page's end (the Lab replacing it) is no failure
+        if app.starting() is not False:
+            start.problem = f"{type(error).__name__}: {error}"
+
+
+@pytest.fixture(scope="session")
+def first_start(tmp_path_factory) -> FirstStart:
+    from visitors import start_app
+
+    cache = tmp_path_factory.mktemp("mergelab-cache")
+    started = time.time()
+    app = start_app(cache, log=tmp_path_factory.mktemp("app") / "app.log")
+    start = FirstStart(app, cache)
+    try:
+        _watch_first_start(start, started)
+        # the build takes ~1 min on 2 free cores, minutes on a busy machine
+        app.wait_ready(900)
+        start.built_after_answer = time.time() - started - start.answered_after
+        start.log_when_ready = app.log()
+        yield start
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_cache(first_start) -> Path:
+    """A MERGELAB_CACHE root holding the demo family, built by the session server's first start."""
+    return first_start.cache
 
 
 @pytest.fixture(scope="session")
@@ -54,13 +116,9 @@ def demo_family(demo_cache) -> dict:
 
 
 @pytest.fixture(scope="session")
-def server(demo_cache, tmp_path_factory):
+def server(first_start):
     """`python app.py` as a user starts it (on the demo family), on a free local port."""
-    from visitors import launch_app
-
-    app = launch_app(demo_cache, log=tmp_path_factory.mktemp("app") / "app.log")
-    yield app.url
-    app.stop()
+    return first_start.app.url
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ def test_merge_ask_and_see_the_weights_in_chromium(server, page, tmp_path):
     shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     page.goto(server)
-    t = page.get_by_label("number input for t (0 = base model A, 1 = model B)")
+    t = page.get_by_label("number input for t (0 = smollm2-json, 1 = smollm2-reverse)")
     t.fill("0")
     t.press("Enter")
     page.get_by_text("t: 0.0").wait_for(timeout=30_000)  # the slider rewrote the recipe
@@ -62,7 +62,7 @@ def test_build_a_recipe_and_shape_t_per_layer_in_chromium(server, page, tmp_path
     page.get_by_text("merge_method: linear").wait_for(timeout=30_000)  # (its screenshot: test_browser_builder)
 
     page.goto(server)  # back to the slerp recipe
-    page.get_by_text("Per-layer t: control points for attention, MLP and the rest").click()
+    page.get_by_text("Per-layer values: control points for attention, MLP and the rest").click()
     page.get_by_label("preset").click()
     page.get_by_role("option", name="LazyMergekit gradient").click()
     page.get_by_text("filter: self_attn").wait_for(timeout=30_000)
@@ -73,7 +73,7 @@ def test_build_a_recipe_and_shape_t_per_layer_in_chromium(server, page, tmp_path
 def test_expert_sliders_one_per_layer_in_chromium(server, page, tmp_path):
     shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
     page.goto(server)
-    page.get_by_text("Per-layer t: control points for attention, MLP and the rest").click()
+    page.get_by_text("Per-layer values: control points for attention, MLP and the rest").click()
     page.get_by_text("Expert: one slider per layer").click()
     page.get_by_role("button", name="Show one slider per layer").click()
     page.get_by_text("layer 29").wait_for(timeout=30_000)  # 30 layers, 30 sliders
@@ -103,6 +103,16 @@ def test_build_a_mixture_of_experts_and_see_its_routing_in_chromium(server, page
     page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the router per layer
     page.get_by_label("Prompt").last.fill("Make a record: Zoe is 44 and lives in Omsk.")
     page.get_by_role("button", name="Ask", exact=True).click()
+    # the answer streams into the chat before the strip (made when it is done) replaces the old one
+    lengths = []
+    for _ in range(1200):
+        lengths.append(page.evaluate("""() => { const bots = document.querySelectorAll('.moe-chat .bot');
+            return bots.length ? bots[bots.length - 1].innerText.length : 0; }"""))
+        if page.evaluate("(document.querySelector('.moe-strip')?.innerText || '').includes('Omsk')"):
+            break
+        page.wait_for_timeout(50)
+    partial = {length for length in lengths[:-1] if length > 0}
+    assert len(partial) >= 2, lengths  # seen growing, not only at the end
     page.wait_for_function("(document.querySelector('.moe-strip')?.innerText || '').includes('Omsk')", timeout=120_000)
     page.screenshot(path=str(shots / "app-moe.png"), full_page=True)
 

@@ -1,6 +1,7 @@
 """Build a recipe in Chromium as a person does: every control the method registry generates
-is live and writes the recipe; the builder's defaults merge as they are; the per-layer
-presets never write a parameter the method lacks. Screenshots as in tests/test_browser.py."""
+is live and writes the recipe; the builder's defaults merge as they are; a failed write says
+why under its button; the per-layer editor shapes the values the method takes (each model's
+weight and density for TIES) and never one it lacks. Screenshots as in tests/test_browser.py."""
 
 from __future__ import annotations
 
@@ -96,16 +97,70 @@ def test_the_builders_defaults_merge_in_chromium(server, page):  # noqa: F811
     page.get_by_text("(history #").wait_for(timeout=120_000)
 
 
-def test_per_layer_presets_do_not_add_t_to_a_linear_recipe_in_chromium(server, page):  # noqa: F811
+def _per_layer_panel(page, parameter: str):
+    """Open the per-layer panel and pick what it shapes."""
+    page.get_by_text("Per-layer values: control points for attention, MLP and the rest").click()
+    page.get_by_label("parameter", exact=True).click()
+    page.get_by_role("option", name=parameter, exact=True).click()
+
+
+def _parameters_of(recipe: str, model_suffix: str) -> dict:
+    import yaml
+
+    config = yaml.safe_load(recipe)
+    return next(m.get("parameters") or {} for m in config["models"] if m["model"].endswith(model_suffix))
+
+
+def test_the_per_layer_editor_shapes_each_models_own_values_in_chromium(server, page):  # noqa: F811
+    """TIES: the panel offers lambda and each model's weight and density (not the base's), a
+    preset writes the picked model's density per layer, and the recipe merges."""
+    _open_builder(page, server)
+    _pick_method(page, "ties")
+    page.get_by_text(f"density of {REVERSE}").first.wait_for(timeout=30_000)
+    page.get_by_role("button", name="Write the recipe").click()
+    page.get_by_text("merge_method: ties").wait_for(timeout=30_000)
+    _per_layer_panel(page, f"density of {REVERSE}")
+    options = page.get_by_label("parameter", exact=True)
+    options.click()
+    offered = page.get_by_role("option").all_inner_texts()
+    page.keyboard.press("Escape")
+    assert offered == ["lambda", f"weight of {REVERSE}", f"density of {REVERSE}"], offered
+    page.get_by_label("preset").click()
+    page.get_by_role("option", name="ramp up (A at the bottom, B at the top)").click()
+    page.get_by_text("filter: self_attn").first.wait_for(timeout=30_000)
+    recipe = _recipe(page)
+    density = _parameters_of(recipe, REVERSE)["density"]
+    assert density[0] == {"filter": "self_attn", "value": [0, 1]}, recipe
+    assert not any(line.strip().startswith("t:") for line in recipe.splitlines()), recipe
+    assert "filter" not in recipe.split("merge_method")[1], recipe  # nothing at the top level
+    assert page.get_by_label("attention (self_attn) control points").input_value() == "0, 1"
+    page.get_by_role("button", name="Merge", exact=True).click()
+    page.get_by_text("(history #").wait_for(timeout=180_000)
+
+
+def test_per_layer_presets_on_a_linear_recipe_shape_a_models_weight_never_t_in_chromium(server, page):  # noqa: F811
     _open_builder(page, server)
     _pick_method(page, "linear")
     page.get_by_text(f"weight of {REVERSE}").first.wait_for(timeout=30_000)
     page.get_by_role("button", name="Write the recipe").click()
     page.get_by_text("merge_method: linear").wait_for(timeout=30_000)
-    page.get_by_text("Per-layer t: control points for attention, MLP and the rest").click()
+    _per_layer_panel(page, f"weight of {JSON}")
     page.get_by_label("preset").click()
     page.get_by_role("option", name="LazyMergekit gradient").click()
-    page.get_by_text("linear has no 't'").first.wait_for(timeout=30_000)  # says so, writes nothing
+    page.get_by_text("filter: self_attn").first.wait_for(timeout=30_000)
     recipe = _recipe(page)
-    assert "merge_method: linear" in recipe and "filter" not in recipe
+    assert _parameters_of(recipe, JSON)["weight"][0]["value"] == [0, 0.5, 0.3, 0.7, 1], recipe
     assert not any(line.strip().startswith("t:") for line in recipe.splitlines()), recipe
+
+
+def test_a_failed_write_says_why_under_the_button_and_leaves_the_editor_usable(server, page):  # noqa: F811
+    _open_builder(page, server)
+    before = _recipe(page)
+    page.get_by_label("models (demo family, a local folder or a hub id: type to add)").click()
+    page.get_by_role("option", name="smollm2-135m-instruct", exact=True).click()
+    page.keyboard.press("Escape")
+    page.get_by_role("button", name="Write the recipe").click()
+    page.get_by_text("slerp takes exactly 1 model besides the base").wait_for(timeout=30_000)
+    assert page.locator(".wrap .error").count() == 0  # no Error box over the editor
+    editor = page.locator(".cm-content").first
+    assert editor.is_visible() and editor.inner_text() == before

@@ -86,7 +86,7 @@ def overlaps(a: dict, b: dict) -> bool:
 
 def test_per_layer_diagnostics_plot_is_legible_at_1400x900(server, page, tmp_path):
     page.goto(server)
-    page.get_by_text("Per-layer t: control points for attention, MLP and the rest").click()
+    page.get_by_text("Per-layer values: control points for attention, MLP and the rest").click()
     page.get_by_label("preset").click()
     page.get_by_role("option", name="LazyMergekit gradient").click()
     page.get_by_text("filter: self_attn").wait_for(timeout=30_000)  # a gradient t per module kind

@@ -78,7 +78,7 @@ def test_first_screen_holds_recipe_t_merge_and_the_three_panes(lab, tmp_path):
 
 
 def test_slider_per_layer_panel_and_recipe_agree_after_every_edit(lab):
-    lab.get_by_text("Per-layer t: control points for attention, MLP and the rest").click()
+    lab.get_by_text("Per-layer values: control points for attention, MLP and the rest").click()
     recipe = recipe_text(lab)
     assert "t: 0.5" in recipe and slider_number(lab).input_value() == "0.5"
 

@@ -37,6 +37,28 @@ merge_method: linear
 parameters: {{normalize: false}}
 dtype: float32
 """,
+    "ties_per_layer_model_values": """
+models:
+  - model: {c1}
+    parameters:
+      weight: 0.6
+      density:
+        - filter: self_attn
+          value: [0.2, 0.9]
+        - filter: mlp
+          value: 0.4
+        - value: 0.7
+  - model: {c2}
+    parameters:
+      weight:
+        - filter: self_attn
+          value: [1.0, 0.1, 0.5]
+        - value: 0.3
+      density: 0.5
+merge_method: ties
+base_model: {base}
+dtype: float32
+""",
     "slerp_gradient_filters": """
 slices:
   - sources:

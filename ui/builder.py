@@ -13,9 +13,10 @@ from merging.config import InputModel
 from merging.compatibility import as_markdown, compatibility as compatibility_report
 
 from merging.access import hub_token
+from merging.layer_values import models_with_parameters
 from merging.limits import check as check_limit, limit
 
-from .common import handler
+from .common import handler, in_page, page_and_api
 
 METHOD_CHOICES = [(f"{name}: {method.summary}", name) for name, method in sorted(METHODS.items())]
 
@@ -58,32 +59,20 @@ def search_hub(query: str, request: gr.Request = None) -> tuple[str, dict]:
     return (f"{len(found)} models: pick them in the list above", gr.update(choices=found))
 
 
-def inputs_with_parameters(models: Optional[list[str]], base: Optional[str], method) -> list[str]:
-    """The models that get per-model parameters: all but the base, or, for methods that treat
-    the base as one more input (linear, karcher, passthrough), the base too."""
-    others = [m for m in models or [] if m != base]
-    if method.base == "ignored" and base:
-        return [base] + others
-    return others
-
-
 def recipe_from_controls(models: list[str], base: Optional[str], method_name: str, values: dict) -> str:
     """YAML for the picked models, base, method and parameter values."""
     method = get_method(method_name)
-    if method.base != "ignored" and not base:
-        raise gr.Error(f"{method_name} needs a base model")
+    if method.base == "required" and not base:
+        raise MergeError(f"{method_name} needs a base model: pick one")
     entries = []
-    for model in inputs_with_parameters(models, base, method):
+    for model in models_with_parameters(method, models, base):
         parameters = {p.name: values[f"{model}/{p.name}"] for p in method.model_parameters
                       if values.get(f"{model}/{p.name}") is not None}
         entries.append(InputModel(model, parameters or None))
     global_values = {p.name: values[p.name] for p in method.global_parameters if values.get(p.name) is not None}
-    try:
-        config = MergeConfig(method_name, models=entries, base_model=base if method.base != "ignored" else None,
-                             parameters=global_values or None, dtype="float32")
-        config.check()
-    except MergeError as error:
-        raise gr.Error(str(error)) from None
+    config = MergeConfig(method_name, models=entries, base_model=base if method.base != "ignored" else None,
+                         parameters=global_values or None, dtype="float32")
+    config.check()
     return config.to_yaml()
 
 
@@ -114,15 +103,16 @@ def _control(parameter, label: str, key: str):
 
 
 def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
-    choices = list(family.values()) if family else []
+    # short names shown, the folders as values (a hub id or folder typed in stays as typed)
+    choices = [(short_name(folder), folder) for folder in family.values()] if family else []
     # the Lab's own recipe (json as the base, reverse merged into it), so the defaults merge as they are
     default_base = family.get("json") if family else None
-    default_models = [family["reverse"]] if family and "reverse" in family else choices[1:]
+    default_models = [family["reverse"]] if family and "reverse" in family else [v for _, v in choices[1:]]
     with gr.Accordion("Build a recipe: models, base, method and parameters", open=False):
         with gr.Row():
             models = gr.Dropdown(choices, value=default_models, multiselect=True, allow_custom_value=True,
                                  label="models (demo family, a local folder or a hub id: type to add)", scale=3)
-            base = gr.Dropdown(choices, value=default_base or (choices[0] if choices else None),
+            base = gr.Dropdown(choices, value=default_base or (choices[0][1] if choices else None),
                                allow_custom_value=True, label="base model", scale=2)
         with gr.Row():
             query = gr.Textbox(label="search the hub for text-generation models", scale=4)
@@ -135,7 +125,7 @@ def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
         @gr.render(inputs=[models, base, method])
         def parameter_controls(chosen, base_model, method_name):
             if len(chosen or []) > limit("models"):
-                raise gr.Error(f"at most {limit('models')} models can be picked")
+                raise gr.Error(f"at most {limit('models')} models can be picked", print_exception=False)
             spec = get_method(method_name)
             controls, keys = [], []
             with gr.Row():
@@ -143,7 +133,7 @@ def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
                     controls.append(_control(parameter, _label(parameter.name, method_name, chosen, base_model),
                                              f"{method_name}/{parameter.name}"))
                     keys.append(parameter.name)
-            for model in inputs_with_parameters(chosen, base_model, spec):
+            for model in models_with_parameters(spec, chosen, base_model):
                 if not spec.model_parameters:
                     break
                 with gr.Row():
@@ -152,15 +142,18 @@ def build_builder(recipe: gr.Code, family: Optional[dict]) -> None:
                         controls.append(_control(parameter, label, f"{method_name}/{model}/{parameter.name}"))
                         keys.append(f"{model}/{parameter.name}")
 
+            @handler
             def write_recipe(chosen_models, base_choice, method_choice, *values):
                 return recipe_from_controls(chosen_models, base_choice, method_choice, dict(zip(keys, values)))
 
-            write.click(write_recipe, inputs=[models, base, method, *controls], outputs=recipe,
-                        api_name="write_recipe")
+            # a mistake goes to the note under the button; the recipe editor stays as it was
+            page_and_api(write.click, write_recipe, inputs=[models, base, method, *controls], outputs=recipe,
+                         status=written, api_name="write_recipe")
             for control in controls:  # each change writes the recipe at once, as the button does
-                control.input(write_recipe, inputs=[models, base, method, *controls], outputs=recipe,
-                              trigger_mode="always_last", api_visibility="undocumented")
+                in_page(control.input, write_recipe, inputs=[models, base, method, *controls], outputs=recipe,
+                        status=written, trigger_mode="always_last", api_visibility="private")
 
         write = gr.Button("Write the recipe", variant="primary")
+        written = gr.Markdown()
     check.click(compatibility, inputs=[models, base], outputs=verdict, api_name="compatibility")
     search.click(search_hub, inputs=query, outputs=[found, models], api_name="search_hub")

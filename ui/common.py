@@ -185,13 +185,26 @@ def remember(recipe: str, kind: str, request: gr.Request = None, profile=None, s
     return history().record(user_key(request, profile), recipe, kind, scores)
 
 
-def page_and_api(trigger, function, inputs, outputs, api_name: str, **options):
-    """Wire a `handler`-wrapped function twice: to `trigger` (a button's click) for the page,
-    where a mistake comes back in the last output (see in_status; endpoint `<api_name>_in_page`,
-    undocumented), and as the API endpoint `api_name` on a hidden twin button, which fails as
-    before (a client gets an error, not a message to read). Returns the page's event."""
-    count = len(outputs) if isinstance(outputs, (list, tuple)) else 1
-    event = trigger(in_status(function, count), inputs=inputs, outputs=outputs, api_name=f"{api_name}_in_page",
+def in_page(trigger, function, inputs, outputs, status=None, **options):
+    """Wire a `handler`-wrapped function to `trigger` for the page: a mistake comes back as a
+    message (see in_status) in `status` (a Markdown under the control, cleared when the call
+    succeeds) or, without one, in the last output. Returns the event."""
+    outputs_list = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    if status is not None:
+        @functools.wraps(function)
+        def clearing_status(*args, **kwargs):
+            result = function(*args, **kwargs)
+            return (*result, "") if len(outputs_list) > 1 else (result, "")
+        outputs_list.append(status)
+    return trigger(in_status(clearing_status if status is not None else function, len(outputs_list)), inputs=inputs,
+                   outputs=outputs_list if len(outputs_list) > 1 else outputs_list[0], **options)
+
+
+def page_and_api(trigger, function, inputs, outputs, api_name: str, status=None, **options):
+    """`in_page` (endpoint `<api_name>_in_page`, undocumented), and the API endpoint
+    `api_name` on a hidden twin button, which fails as before (a client gets an error, not a
+    message to read). Returns the page's event."""
+    event = in_page(trigger, function, inputs, outputs, status, api_name=f"{api_name}_in_page",
                     api_visibility="undocumented", **options)
     gr.Button(visible=False).click(function, inputs=inputs, outputs=outputs, api_name=api_name, **options)
     return event

@@ -6,6 +6,7 @@ Every handler takes the session from the registry; no model or tensor goes into 
 
 from __future__ import annotations
 
+import html
 import random
 import re
 from contextlib import closing
@@ -18,7 +19,8 @@ from merging.analysis import METRICS, diagnose_plan, heatmap
 from merging.config import recipe_from_text
 from merging.evaluate import layer_facts, with_parameter
 from merging.generation import Sampling, stream_many
-from merging.layer_values import edit_range, expand, points_from_config, with_layer_points
+from merging.layer_values import (edit_range, expand, layer_parameters, parameter_bounds, points_from_config,
+                                   with_layer_points)
 from merging.limits import (check as check_limit, clamp_check, finite_number, is_public_deployment, limit,
                             whole_number)
 from merging.plan import format_bytes
@@ -53,20 +55,10 @@ def set_t(recipe: str, t: float) -> str:
     return with_parameter(_config(recipe), "t", finite_number(t, "t")).to_yaml()
 
 
-def merged_model_bytes(plan) -> int:
-    """The merged model's size in the dtype the lab builds it in."""
-    from merging.plan import TORCH_DTYPES
-
-    dtype = TORCH_DTYPES.get(plan.config.out_dtype or plan.config.dtype or "", None)
-    return sum(t.nbytes // t.out_dtype.itemsize * (dtype.itemsize if dtype else t.out_dtype.itemsize)
-               for t in plan.tasks)
-
-
 def memory_estimate(plan) -> str:
     """What building the session will hold: the merged model, and each parent for the arena."""
-    sources = sum(info.nbytes for ckpt in plan.checkpoints.values() for info in ckpt.tensors.values())
-    return (f"about {format_bytes(merged_model_bytes(plan))} for the merged model, the same again for each of the "
-            f"two parents in the arena, and {format_bytes(sources)} of source weights mapped from disk")
+    return (f"about {format_bytes(plan.live_model_bytes)} for the merged model, the same again for each of the "
+            f"two parents in the arena, and {format_bytes(plan.source_bytes)} of source weights mapped from disk")
 
 
 @gpu
@@ -98,33 +90,45 @@ def merge_recipe(recipe: str, trust_remote_code: bool = False, request: gr.Reque
                 session.live = live = None  # other models: the old one goes before the new one is built
                 SESSIONS.release(session, "live")
             if live is None:
-                SESSIONS.reserve(session, "live", merged_model_bytes(plans[-1]) + LIVE_CACHE_BYTES)
+                SESSIONS.reserve(session, "live", plans[-1].live_model_bytes + LIVE_CACHE_BYTES)
                 yield f"Building: {memory_estimate(plans[-1])}."
-                progress(0.1, desc="building the merged model")
                 session.live = LiveMerge(config, trust_remote_code=trust_remote_code,
-                                         cache_budget_bytes=LIVE_CACHE_BYTES)
+                                         cache_budget_bytes=LIVE_CACHE_BYTES,
+                                         progress=tensor_progress(progress, "building the merged model"))
                 stats = session.live.last_stats
             else:
-                stats = live.update(config)
+                stats = live.update(config, progress=tensor_progress(progress, "re-merging the changed tensors"))
         entry = remember(recipe, "merge", request, profile)
     yield f"**Merged** (history #{entry}). {stats}"
+
+
+def tensor_progress(progress: gr.Progress, what: str):
+    """A LiveMerge progress callback that moves the page's bar: one step per tensor."""
+    return lambda done, total: progress((done, total), desc=what, unit="tensors")
 
 
 PARENT_PANES = ("A", "B")  # the arena's panes for parents; the merge has the third
 
 
 def _pane_models(session) -> tuple[list[tuple[str, object, object]], list[str]]:
-    """The arena's panes: each parent the recipe names (up to two), then the merge; and the
-    parents left without a pane (a recipe of three or more models)."""
+    """The arena's panes: each parent the recipe names (up to two), then the merge, each as
+    (label, model, tokenizer, hover text); and the parents left without a pane (a recipe of
+    three or more models)."""
     live = session.live
     names = live.config.referenced_models()
     dtype = next(live.model.parameters()).dtype
     panes = []
     for label, name in zip(PARENT_PANES, names):
         model, tokenizer = PARENTS.get(name, dtype, live.trust_remote_code)
-        panes.append((f"{label}: {short_name(name)}", model, tokenizer))
-    panes.append(("merged", live.model, live.tokenizer))
+        panes.append((f"{label}: {short_name(name)}", model, tokenizer, name))
+    panes.append(("merged", live.model, live.tokenizer, "the merged model"))
     return panes, [short_name(name) for name in names[len(PARENT_PANES):]]
+
+
+def hover(text: str, full: str) -> str:
+    """Markdown showing `text`, with `full` when the pointer rests on it (both escaped: a
+    model reference is a visitor's text)."""
+    return f'<span title="{html.escape(full, quote=True)}">{html.escape(text)}</span>'
 
 
 def arena_sampling(prompt: str, max_new_tokens, temperature, seed) -> Sampling:
@@ -169,7 +173,9 @@ def ask(prompt: str, max_new_tokens: int, temperature: float, seed: int, blind: 
             histories[slot] = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
             labels[slot] = panes[source][0]
         session.blind_order = labels if blind else None
-        shown = [f"pane {slot + 1}" if blind else labels[slot] for slot in slots]
+        # short names on the page, the model's full source on hover
+        shown = [f"pane {slot + 1}" if blind else hover(panes[source][0], panes[source][3])
+                 for slot, source in zip(slots, order)]
         speeds = [""] * len(panes)
 
         def page():
@@ -227,47 +233,68 @@ def _names(config: MergeConfig) -> tuple[str, str]:
     return (names + ["model A", "model B"])[0], (names[1:] + ["model B"])[0]
 
 
+def parameter_label(config: MergeConfig, key: str) -> str:
+    """`t` (with what its ends give, for slerp), or `weight of MODEL` for `weight@MODEL`."""
+    name, _, model = key.partition("@")
+    if model:
+        return f"{name} of {short_name(model)}"
+    if name == "t" and config.merge_method == "slerp":
+        return "t (0 = {}, 1 = {})".format(*_names(config))
+    return name
+
+
+def parameter_choices(config: MergeConfig) -> list[tuple[str, str]]:
+    """What the per-layer panel can shape in this recipe, as (label, key) pairs."""
+    return [(parameter_label(config, key), key) for key in layer_parameters(config)]
+
+
+def _figure(config: MergeConfig, key: str, points, count: int):
+    return layers.values_figure(*points, count, parameter_label(config, key), parameter_bounds(config, key))
+
+
 @handler
-def set_layers(recipe: str, attention: str, mlp: str, other: str, request: gr.Request = None):
-    """Write the per-layer control points into the recipe as a filter list; show the values."""
+def set_layers(recipe: str, attention: str, mlp: str, other: str, parameter: str = "t", request: gr.Request = None):
+    """Write the per-layer control points of `parameter` (`t`, or `weight@MODEL`: see
+    merging.layer_values) into the recipe as a filter list; show the values."""
     config = _config(recipe)
-    return _write_points(config, attention, mlp, other, *layer_facts(config))
+    return _write_points(config, parameter, attention, mlp, other, *layer_facts(config))
 
 
-def _write_points(config: MergeConfig, attention: str, mlp: str, other: str, count: int,
+def _write_points(config: MergeConfig, key: str, attention: str, mlp: str, other: str, count: int,
                   filters: tuple[str, str]):
-    """The recipe with these control points for t, and the per-layer values they give
-    (setting t never changes the layer count, so the caller's count serves)."""
+    """The recipe with these control points for `key`, and the per-layer values they give
+    (setting a value never changes the layer count, so the caller's count serves)."""
     points = [layers.parse_points(text, label) for text, label in
               ((attention, "attention"), (mlp, "MLP"), (other, "other"))]
-    changed = with_layer_points(config, "t", *points, filters=filters)
-    return changed.to_yaml(), layers.values_figure(*points, count, _names(changed))
+    changed = with_layer_points(config, key, *points, filters=filters)
+    return changed.to_yaml(), _figure(changed, key, points, count)
 
 
 @handler
-def read_layers(recipe: str, request: gr.Request = None):
-    """The recipe's t as control points for attention, MLP and the rest, and their values."""
-    return layer_views(_config(recipe))
+def read_layers(recipe: str, parameter: str = "t", request: gr.Request = None):
+    """The recipe's `parameter` as control points for attention, MLP and the rest, and their values."""
+    return layer_views(_config(recipe), parameter)
 
 
-def layer_views(config: MergeConfig):
-    """The config's t as (attention, MLP, other) control points, and the plot of their values."""
+def layer_views(config: MergeConfig, key: str = "t"):
+    """The config's `key` as (attention, MLP, other) control points, and the plot of their values."""
     count, filters = layer_facts(config)
-    points = points_from_config(config, "t", filters)
-    figure = layers.values_figure(*points, count, _names(config))
-    return (*[layers.format_points(p) for p in points], figure)
+    points = points_from_config(config, key, filters)
+    return (*[layers.format_points(p) for p in points], _figure(config, key, points, count))
 
 
+@handler
 def use_preset(name: str) -> tuple[str, str, str]:
     if name not in layers.PRESETS:
-        raise gr.Error(f"unknown preset '{name}'")
+        raise MergeError(f"unknown preset '{name}'")
     return tuple(layers.format_points(points) for points in layers.PRESETS[name])
 
 
 @handler
 def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, operation: str,
-                first: float, last: float, amount: float, request: gr.Request = None):
-    """set / add / multiply one module type's t on a range of layers (one value per layer)."""
+                first: float, last: float, amount: float, parameter: str = "t", request: gr.Request = None):
+    """set / add / multiply one module type's `parameter` on a range of layers (one value per
+    layer), kept within the parameter's range."""
     config = _config(recipe)
     count, filters = layer_facts(config)
     texts = {"attention": attention, "MLP": mlp, "other": other}
@@ -277,9 +304,12 @@ def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, 
     if operation not in ("set", "add", "multiply"):
         raise MergeError(f"unknown operation '{operation}'")
     first, last = whole_number(first, "from layer"), whole_number(last, "to layer")
-    texts[module] = layers.format_points(
-        edit_range(expand(points, count), operation, first, last, finite_number(amount, "amount")))
-    changed_recipe, figure = _write_points(config, texts["attention"], texts["MLP"], texts["other"], count, filters)
+    with_layer_points(config, parameter, [0.0], [0.0], [0.0])  # a parameter the method lacks: said first
+    low, high = parameter_bounds(config, parameter)
+    texts[module] = layers.format_points(edit_range(expand(points, count), operation, first, last,
+                                                    finite_number(amount, "amount"), low=low, high=high))
+    changed_recipe, figure = _write_points(config, parameter, texts["attention"], texts["MLP"], texts["other"],
+                                           count, filters)
     return texts["attention"], texts["MLP"], texts["other"], changed_recipe, figure
 
 
@@ -287,7 +317,6 @@ def forget_session(request: gr.Request) -> None:
     SESSIONS.drop(session_hash(request))
 
 
-T_LABEL = "t (0 = base model A, 1 = model B)"
 T_PER_LAYER = "t varies per layer in this recipe: moving this sets one t everywhere"
 STALE_MERGE = ("The merged model{entry} is from an **older recipe**: the recipe changed since. "
                "Press **Merge** to bring it up to date.")
@@ -314,29 +343,38 @@ def _t_views(recipe: str, config: MergeConfig, layered: Optional[str]):
     setting = (config.parameters or {}).get("t", parameter.default)
     if isinstance(setting, (int, float)) and not isinstance(setting, bool):
         if layered is not None and set(_config(layered).referenced_models()) == set(config.referenced_models()):
-            return (gr.update(value=float(setting), label=T_LABEL, interactive=True),
+            return (gr.update(value=float(setting), label=parameter_label(config, "t"), interactive=True),
                     f"One t = {float(setting):g} everywhere now; the per-layer t it replaced is kept.",
                     gr.update(visible=True), layered)
-        return gr.update(value=float(setting), label=T_LABEL, interactive=True), "", gr.update(visible=False), None
+        return (gr.update(value=float(setting), label=parameter_label(config, "t"), interactive=True), "",
+                gr.update(visible=False), None)
     count, filters = layer_facts(config)
     values = [v for points in points_from_config(config, "t", filters) for v in expand(points, count)]
     return (gr.update(value=round(sum(values) / len(values), 4), label=T_PER_LAYER, interactive=True),
-            f"t varies per layer ({min(values):.3g} to {max(values):.3g}; see *Per-layer t*). "
+            f"t varies per layer ({min(values):.3g} to {max(values):.3g}; see *Per-layer values*). "
             "Moving the slider replaces it with one t, and keeps it to bring back.",
             gr.update(visible=False), recipe)
 
 
-def _layer_views(config: MergeConfig):
-    """The per-layer panel's control points and plot as the recipe says (a method without t: empty)."""
+def _layer_views(config: MergeConfig, key: Optional[str]):
+    """The per-layer panel as the recipe says: the parameters it can shape (keeping `key` when
+    the recipe still has it), their control points and plot; empty for a method with none."""
+    choices = parameter_choices(config)
+    keys = [k for _, k in choices]
+    preferred = ["t"] + [k for k in keys if "@" in k] + keys  # t, else the models' own values
+    key = key if key in keys else next((k for k in preferred if k in keys), None)
+    choice = gr.update(choices=choices, value=key)
+    if key is None:
+        return choice, "", "", "", None
     try:
-        return layer_views(config)
+        return (choice, *layer_views(config, key))
     except MergeError:
-        return "", "", "", None
+        return choice, "", "", "", None
 
 
 @handler
 def recipe_views(recipe: str, merged: Optional[dict], asked: Optional[str], diagnosed: Optional[str],
-                 layered: Optional[str], request: gr.Request = None):
+                 layered: Optional[str], shaped: Optional[str] = None, request: gr.Request = None):
     """Every view of the recipe, after any change of it: the t slider (its value, or marked as
     varying per layer), the per-layer panel and plot, and the status, answers and plots marked
     when they belong to an older recipe. A recipe that does not read yet changes only the marks."""
@@ -351,9 +389,9 @@ def recipe_views(recipe: str, merged: Optional[dict], asked: Optional[str], diag
              STALE_WEIGHTS if diagnosed is not None and diagnosed != key else "")
     try:
         config = _config(recipe)
-        views = (*_t_views(recipe, config, layered), *_layer_views(config))
+        views = (*_t_views(recipe, config, layered), *_layer_views(config, shaped))
     except Exception:
-        views = (gr.update(),) * 3 + (layered,) + (gr.update(),) * 4
+        views = (gr.update(),) * 3 + (layered,) + (gr.update(),) * 5
     return (*views, *marks)
 
 
@@ -373,7 +411,8 @@ def build_lab(family: Optional[dict]):
         with gr.Column(scale=3):
             recipe = gr.Code(recipe_text, language="yaml", label="Recipe (mergekit YAML)")
         with gr.Column(scale=2):
-            t = gr.Slider(0, 1, value=0.5, step=0.05, label=T_LABEL)
+            t = gr.Slider(0, 1, value=0.5, step=0.05, label=parameter_label(_config(recipe_text), "t")
+                          if family else "t (0 = the base model, 1 = the other model)")
             t_note = gr.Markdown()
             bring_back = gr.Button("Bring back the per-layer t", size="sm", visible=False)
             merge = gr.Button("Merge", variant="primary")
@@ -414,8 +453,10 @@ def build_lab(family: Optional[dict]):
 
     build_builder(recipe, family)
 
-    with gr.Accordion("Per-layer t: control points for attention, MLP and the rest", open=False):
+    with gr.Accordion("Per-layer values: control points for attention, MLP and the rest", open=False):
         with gr.Row():
+            shaped = gr.Dropdown([("t", "t")], value="t", label="parameter",
+                                 info="what the method takes: its t or lambda, or each model's weight or density")
             preset = gr.Dropdown(list(layers.PRESETS), value=None, label="preset")
             read = gr.Button("Read from recipe")
             apply = gr.Button("Write into recipe", variant="primary")
@@ -430,42 +471,51 @@ def build_lab(family: Optional[dict]):
             last = gr.Number(0, precision=0, label="to layer")
             amount = gr.Number(1.0, label="amount")
             edit = gr.Button("Apply to the range")
-        curve = gr.Plot(label="the exact t per layer the merge will use")
+        curve = gr.Plot(label="the exact values per layer the merge will use")
         with gr.Accordion("Expert: one slider per layer", open=False):
             with gr.Row():
                 expert_module = gr.Dropdown(["attention", "MLP", "other"], value="attention", label="module type")
                 expert_show = gr.Button("Show one slider per layer")
                 expert_use = gr.Button("Use these values", variant="primary")
 
-            @gr.render(inputs=[recipe, attention, mlp, other, expert_module], triggers=[expert_show.click])
+            @gr.render(inputs=[recipe, attention, mlp, other, expert_module, shaped], triggers=[expert_show.click])
             @handler
-            def per_layer_sliders(recipe_text, attention_text, mlp_text, other_text, module_name,
+            def per_layer_sliders(recipe_text, attention_text, mlp_text, other_text, module_name, key,
                                   request: gr.Request = None):
-                count, filters = layer_facts(_config(recipe_text))
+                config = _config(recipe_text)
+                count, filters = layer_facts(config)
+                with_layer_points(config, key, [0.0], [0.0], [0.0])  # a parameter the method lacks: said first
+                low, high = parameter_bounds(config, key)
                 texts = {"attention": attention_text, "MLP": mlp_text, "other": other_text}
                 values = expand(layers.parse_points(texts[module_name], module_name), count)
+                low = min([0.0 if low is None else low] + values)
+                high = max([1.0 if high is None else high] + values)
                 sliders = []
+                gr.Markdown(f"**{parameter_label(config, key)}** of the {module_name} tensors, one slider per layer")
                 with gr.Row(equal_height=False):
                     for layer, value in enumerate(values):
-                        sliders.append(gr.Slider(0, 1, value=round(value, 4), step=0.01, label=f"layer {layer}",
+                        sliders.append(gr.Slider(low, high, value=round(value, 4), step=0.01, label=f"layer {layer}",
                                                  min_width=120, interactive=True,
-                                                 key=f"expert-{module_name}-{layer}"))
+                                                 key=f"expert-{key}-{module_name}-{layer}"))
 
                 @handler
                 def use_values(recipe_now, attention_now, mlp_now, other_now, *slider_values):
                     texts = {"attention": attention_now, "MLP": mlp_now, "other": other_now}
                     texts[module_name] = layers.format_points([float(v) for v in slider_values])
-                    new_recipe, figure = _write_points(_config(recipe_now), texts["attention"], texts["MLP"],
+                    new_recipe, figure = _write_points(_config(recipe_now), key, texts["attention"], texts["MLP"],
                                                        texts["other"], count, filters)
                     return texts["attention"], texts["MLP"], texts["other"], new_recipe, figure
 
                 expert_use.click(use_values, inputs=[recipe, attention, mlp, other, *sliders],
                                  outputs=[attention, mlp, other, recipe, curve], api_name="use_layer_sliders")
     preset.input(use_preset, inputs=preset, outputs=[attention, mlp, other], api_name="preset").then(
-        set_layers, inputs=[recipe, attention, mlp, other], outputs=[recipe, curve])
-    apply.click(set_layers, inputs=[recipe, attention, mlp, other], outputs=[recipe, curve], api_name="set_layers")
-    read.click(read_layers, inputs=recipe, outputs=[attention, mlp, other, curve], api_name="read_layers")
-    edit.click(edit_layers, inputs=[recipe, attention, mlp, other, module, operation, first, last, amount],
+        set_layers, inputs=[recipe, attention, mlp, other, shaped], outputs=[recipe, curve])
+    apply.click(set_layers, inputs=[recipe, attention, mlp, other, shaped], outputs=[recipe, curve],
+                api_name="set_layers")
+    read.click(read_layers, inputs=[recipe, shaped], outputs=[attention, mlp, other, curve], api_name="read_layers")
+    shaped.input(read_layers, inputs=[recipe, shaped], outputs=[attention, mlp, other, curve],
+                 api_visibility="private")
+    edit.click(edit_layers, inputs=[recipe, attention, mlp, other, module, operation, first, last, amount, shaped],
                outputs=[attention, mlp, other, recipe, curve], api_name="edit_layers")
 
     gr.Markdown("### Weights")
@@ -481,8 +531,9 @@ def build_lab(family: Optional[dict]):
                **heavy_queue()).success(recipe_key, inputs=recipe, outputs=diagnosed, api_visibility="private")
     # the recipe is the one source of truth: after any change of it (or of what was built
     # from it) every view shows what it says, or is marked as from an older recipe
-    view_inputs = [recipe, merged, asked, diagnosed, layered]
-    view_outputs = [t, t_note, bring_back, layered, attention, mlp, other, curve, status, arena_note, weights_note]
+    view_inputs = [recipe, merged, asked, diagnosed, layered, shaped]
+    view_outputs = [t, t_note, bring_back, layered, shaped, attention, mlp, other, curve, status, arena_note,
+                    weights_note]
     for trigger in (recipe.change, merged.change, asked.change, diagnosed.change):
         trigger(recipe_views, inputs=view_inputs, outputs=view_outputs, api_visibility="private",
                 show_progress="hidden", trigger_mode="always_last")

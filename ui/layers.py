@@ -1,4 +1,4 @@
-"""Per-layer control of an interpolation parameter (slerp's t): control points for
+"""Per-layer control of a numeric parameter (slerp's t, a model's weight): control points for
 attention, MLP and the rest, expanded to one value per layer by mergekit's gradient rule,
 presets, edits on a range of layers, and the exact per-layer values the merge will use.
 
@@ -48,16 +48,26 @@ def format_points(values: list[float]) -> str:
 
 
 def values_figure(attention: list[float], mlp: list[float], other: list[float], layers: int,
-                  names: tuple[str, str] = ("model A", "model B")):
-    """The exact per-layer values, one curve per module type."""
+                  axis_title: str = "t", bounds: tuple = (0.0, 1.0)):
+    """The exact per-layer values, one curve per module type (lines that coincide share one
+    legend entry), on the parameter's own range (`bounds`; None: open at that end)."""
     import plotly.graph_objects as go
 
     figure = go.Figure()
-    for label, points, dash in (("attention", attention, "solid"), ("MLP", mlp, "dash"), ("other", other, "dot")):
-        figure.add_trace(go.Scatter(x=list(range(layers)), y=expand(points, layers), mode="lines+markers",
-                                    name=label, line={"dash": dash},
-                                    hovertemplate=f"{label}, layer %{{x}}: t = %{{y:.4f}}<extra></extra>"))
-    figure.update_layout(xaxis_title="layer", yaxis_title=f"t (0 = {names[0]}, 1 = {names[1]})",
-                         yaxis={"range": [-0.05, 1.05]}, height=300,
-                         margin={"l": 60, "r": 20, "t": 20, "b": 40}, legend={"orientation": "h", "y": 1.1})
+    curves: dict[tuple, list[str]] = {}
+    for label, points in (("attention", attention), ("MLP", mlp), ("other", other)):
+        curves.setdefault(tuple(expand(points, layers)), []).append(label)
+    for (values, labels), dash in zip(curves.items(), ("solid", "dash", "dot")):
+        label = " = ".join(labels)
+        figure.add_trace(go.Scatter(x=list(range(layers)), y=list(values), mode="lines+markers", name=label,
+                                    line={"dash": dash},
+                                    hovertemplate=f"{label}, layer %{{x}}: %{{y:.4f}}<extra></extra>"))
+    shown = [v for values in curves for v in values]
+    low = min(shown + ([bounds[0]] if bounds[0] is not None else []))
+    high = max(shown + ([bounds[1]] if bounds[1] is not None else []))
+    pad = 0.05 * ((high - low) or 1.0)
+    figure.update_layout(xaxis_title="layer", yaxis_title=axis_title, yaxis={"range": [low - pad, high + pad],
+                                                                            "automargin": True},
+                         height=320, margin={"l": 70, "r": 20, "t": 40, "b": 40},
+                         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0})
     return figure

@@ -22,7 +22,7 @@ from merging import MergeError
 from merging.limits import check as check_limit
 from merging.plan import format_bytes
 
-from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash, text_lines
+from .common import gpu, handler, heavy_queue, page_and_api, read_recipe, remember, session_hash, text_lines
 from .session import SESSIONS, model_bytes
 
 MAX_EXPERTS = 4
@@ -46,9 +46,9 @@ def form_to_recipe(base: str, gate_mode: str, per_token: float, dtype: str, *slo
         if model and model.strip():
             experts.append(Expert(model.strip(), text_lines(positive), text_lines(negative)))
     if not base or not base.strip():
-        raise gr.Error("pick a base model: attention, norms and embeddings come from it")
+        raise MergeError("pick a base model: attention, norms and embeddings come from it")
     if not experts:
-        raise gr.Error("pick at least one expert model")
+        raise MergeError("pick at least one expert model")
     text = MoEConfig(base.strip(), experts, gate_mode, dtype or None, int(per_token or 1)).to_yaml()
     _moe_config(text)  # the same checks as on reading, said now
     return text
@@ -59,7 +59,7 @@ def recipe_to_form(recipe: str) -> list:
     """The recipe's values for the form (base, gate mode, k, dtype, then each slot)."""
     config = _moe_config(recipe)
     if len(config.experts) > MAX_EXPERTS:
-        raise gr.Error(f"the form shows {MAX_EXPERTS} experts; this recipe has {len(config.experts)} "
+        raise MergeError(f"the form shows {MAX_EXPERTS} experts; this recipe has {len(config.experts)} "
                        "(build it from the recipe as it is)")
     values = [config.base_model, config.gate_mode, config.experts_per_token, config.dtype or "bfloat16"]
     for index in range(MAX_EXPERTS):
@@ -207,12 +207,14 @@ def build_moe_panel(family: Optional[dict]) -> gr.Code:
         write = gr.Button("Write the recipe")
         read = gr.Button("Read the recipe into the form")
         build_button = gr.Button("Build", variant="primary")
+    form_note = gr.Markdown()
     recipe = gr.Code(recipe_text, language="yaml", label="MoE recipe (mergekit-moe YAML; "
                                                           "`python -m merging moe.yml OUT` builds the same)")
     status = gr.Markdown("Press **Build** to make the mixture of experts.")
     form = [base, gate_mode, per_token, dtype, *slots]
-    write.click(form_to_recipe, inputs=form, outputs=recipe, api_name="moe_recipe")
-    read.click(recipe_to_form, inputs=recipe, outputs=form, api_name="moe_form")
+    # a mistake in the form or the recipe is said in the status; the editor and form stay usable
+    page_and_api(write.click, form_to_recipe, inputs=form, outputs=recipe, status=form_note, api_name="moe_recipe")
+    page_and_api(read.click, recipe_to_form, inputs=recipe, outputs=form, status=form_note, api_name="moe_form")
     build_button.click(build, inputs=recipe, outputs=status, api_name="moe_build", **heavy_queue())
 
     gr.Markdown("### Ask the mixture: each answer token coloured by the expert it was routed to")
@@ -225,7 +227,7 @@ def build_moe_panel(family: Optional[dict]) -> gr.Code:
         seed = gr.Number(0, precision=0, label="seed")
     with gr.Row():
         with gr.Column(scale=3):
-            chat = gr.Chatbot(label="mixture of experts", height=220)
+            chat = gr.Chatbot(label="mixture of experts", height=220, elem_classes=["moe-chat"])
             strip = gr.HTML(label="tokens by expert (largest share over the layers)")
             info = gr.Markdown()
         with gr.Column(scale=2):

@@ -17,6 +17,8 @@ import plotly.graph_objects as go
 from merging import MergeConfig, MergeError
 from merging.limits import check as check_limit, clamp_check, finite_number, whole_number
 
+from merging.layer_values import layer_parameters
+
 from .builder import short_name
 from .common import gpu, handler, heavy_queue, read_recipe, remember, session_hash, text_lines
 from .session import SESSIONS
@@ -31,20 +33,17 @@ def _config(recipe: str) -> MergeConfig:
 
 def parameter_choices(recipe: str, quiet: bool = False):
     """The numeric parameters the recipe's method declares: global ones, per-model ones for
-    each model, and a layer range of t. `quiet`: an unreadable recipe changes nothing."""
+    each model that takes them (not TIES's base), and a layer range of t. `quiet`: an unreadable recipe changes nothing."""
     try:
         config = _config(recipe)
     except Exception:
         if quiet:
             return gr.update()
         raise
-    numeric = [p for p in config.method.parameters if p.kind in (float, int)]
-    choices = [(f"{p.name} (everywhere)", p.name) for p in numeric if not p.per_model]
-    models = [entry.model for entry in config.model_entries()]
-    for parameter in (p for p in numeric if p.per_model):
-        for model in dict.fromkeys(models):
-            choices.append((f"{parameter.name} of {short_name(model)}", f"{parameter.name}@{model}"))
-    if any(p.name == "t" and not p.per_model for p in numeric):
+    keys = layer_parameters(config)  # the library's rule: never a value the method ignores
+    choices = [(f"{name} of {short_name(model)}" if model else f"{name} (everywhere)", key)
+               for key in keys for name, _, model in [key.partition("@")]]
+    if "t" in keys:
         choices.append(("t on a layer range (from / to below)", "t" + LAYER_RANGE))
     return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
@@ -157,7 +156,7 @@ def run_sweep(recipe: str, parameter: str, first_layer: float, last_layer: float
     from merging.evaluate import iter_sweep, sweep_points
     from merging.pipeline import plan_stages
 
-    from .lab import LIVE_CACHE_BYTES, merged_model_bytes
+    from .lab import LIVE_CACHE_BYTES
 
     config = _config(recipe)
     if not parameter:
@@ -175,7 +174,7 @@ def run_sweep(recipe: str, parameter: str, first_layer: float, last_layer: float
         session.sweep_rows = []
 
         def build(point):
-            SESSIONS.reserve(session, "sweep", merged_model_bytes(plan_stages(point)[0]) + LIVE_CACHE_BYTES)
+            SESSIONS.reserve(session, "sweep", plan_stages(point)[0].live_model_bytes + LIVE_CACHE_BYTES)
             return LiveMerge(point, cache_budget_bytes=LIVE_CACHE_BYTES)
 
         rows: list[dict] = []
