@@ -70,6 +70,14 @@ class Structure:
     # transformers' stored-name -> module-name rules: (kind, scope, base prefix, regex, targets), in order
     mapping: tuple = field(default=(), compare=False, repr=False)
 
+    def __post_init__(self):
+        # hashed once: the per-name caches below look a structure up for every tensor name
+        object.__setattr__(self, "_hash", hash((self.name, self.stacks, self.input_embeddings, self.output_head,
+                                                self.parameter_order)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @property
     def text(self) -> Stack:
         return self.stacks[0]
@@ -496,7 +504,7 @@ class Layout:
         for name, info in tensors.items():
             if self.is_input_embedding(name) and info.shape:
                 return info.shape[0]
-        scope = config_value(self.config, self.text.depth_key[:-1]) if len(self.text.depth_key) > 1 else self.config
+        scope = owner_scope(self.config, self.text)
         return scope.get("vocab_size") if isinstance(scope, dict) else None
 
     def stack_of(self, name: str) -> Optional[Stack]:
@@ -558,7 +566,7 @@ class Layout:
 def _per_layer_keys(config: dict, stack: Stack) -> tuple[tuple[str, ...], ...]:
     """Config lists with one entry per layer of `stack` (layer_types, ...), by their paths."""
     owner = stack.depth_key[:-1]
-    scope = config_value(config, owner) if owner else config
+    scope = owner_scope(config, stack)
     depth = scope.get(stack.depth_key[-1]) if isinstance(scope, dict) else None
     if type(depth) is not int:
         return ()
@@ -609,6 +617,12 @@ def config_value(config: dict, path: tuple[str, ...]):
             return None
         scope = scope.get(key)
     return scope
+
+
+def owner_scope(config: dict, stack: "Stack"):
+    """The part of a config that holds `stack`'s settings (its depth key's owner: the config
+    itself, or text_config of a multimodal model); None when the config lacks it."""
+    return config_value(config, stack.depth_key[:-1])
 
 
 def set_config_value(config: dict, path: tuple[str, ...], value) -> None:

@@ -387,7 +387,7 @@ def output_config(reference_config: dict, layout: "arch.Layout", origins: list[t
     text = layout.text
     for stack, stack_origins in [(text, origins)] + list((tower_origins or {}).items()):
         _follow_layers(out_config, stack, stack_origins, reference_config, configs)
-    scope = arch.config_value(out_config, text.depth_key[:-1]) if len(text.depth_key) > 1 else out_config
+    scope = arch.owner_scope(out_config, text)
     if isinstance(scope, dict):
         if isinstance(scope.get("max_window_layers"), int):
             _follow_window_layers(scope, origins, text, reference_config, configs)
@@ -408,7 +408,7 @@ def _follow_window_layers(scope: dict, origins: list[tuple[str, int]], text: "ar
 
     def sliding(model: str, index: int) -> bool:
         source = configs.get(model, reference_config)
-        source = arch.config_value(source, text.depth_key[:-1]) if len(text.depth_key) > 1 else source
+        source = arch.owner_scope(source, text) or {}
         return bool(source.get("use_sliding_window")) and index >= source.get("max_window_layers", depth)
 
     kinds = [sliding(model, index) for model, index in origins]
@@ -427,7 +427,7 @@ def _follow_sparse_layers(scope: dict, origins: list[tuple[str, int]], text: "ar
     else step 1 with every dense layer listed."""
     def sparse(model: str, index: int) -> bool:
         source = configs.get(model, reference_config)
-        source = arch.config_value(source, text.depth_key[:-1]) if len(text.depth_key) > 1 else source
+        source = arch.owner_scope(source, text) or {}
         step = source.get("decoder_sparse_step") or 1
         return index not in (source.get("mlp_only_layers") or []) and (index + 1) % step == 0
 

@@ -61,9 +61,16 @@ def per_layer(page, name: str):
     return page.get_by_label(name, exact=True)
 
 
-def merge(page) -> None:
+def merge(page) -> list[str]:
+    """Press Merge and wait for it; returns the progress texts seen meanwhile."""
     page.get_by_role("button", name="Merge", exact=True).click()
-    page.get_by_text("Merged (history #").first.wait_for(timeout=120_000)
+    seen = []
+    for _ in range(2400):
+        if page.get_by_text("Merged (history #").count():
+            return seen
+        seen.extend(page.locator(".progress-text, .progress-level-inner").all_inner_texts())
+        page.wait_for_timeout(50)
+    raise AssertionError(f"no merge after 120 s; progress seen: {seen[-5:]}")
 
 
 def test_first_screen_holds_recipe_t_merge_and_the_three_panes(lab, tmp_path):
@@ -108,8 +115,10 @@ def test_slider_per_layer_panel_and_recipe_agree_after_every_edit(lab):
                "the panel to show the gradient again")
     assert not lab.get_by_role("button", name="Bring back the per-layer t").is_visible()
 
-    # a merge, then an edit: the status says the merged model is from an older recipe
-    merge(lab)
+    # a merge (its progress counted in tensors), then an edit: the status says the merged
+    # model is from an older recipe
+    seen = merge(lab)
+    assert any("building the merged model" in text and "tensors" in text for text in seen), seen[-10:]
     slider_number(lab).fill("0.6")
     slider_number(lab).press("Enter")
     lab.get_by_text("is from an older recipe").wait_for(timeout=30_000)

@@ -490,7 +490,7 @@ def test_recipes_too_big_are_refused_at_once(world):
     for api_name in ("/check_recipe", "/merge", "/moe_build", "/sweep_parameters"):
         assert "aliases expanded" in timed_refusal(visitor, bomb, api_name=api_name)
     quiet = time.time()  # the Sweep tab's own refresh of its choices says nothing, and costs nothing
-    visitor.predict(bomb, api_name="/lambda")
+    visitor.predict(bomb, api_name="/sweep_tab_choices")
     assert time.time() - quiet < 20
     assert world.main.rss_mb() - rss_before < 150, "the alias bomb cost memory"
     assert "nests deeper than 64 levels" in timed_refusal(visitor, "[" * 30_000 + "]" * 30_000,

@@ -262,7 +262,8 @@ def build_sweep_panel(lab_recipe: gr.Code, family: Optional[dict], after_load, t
     inputs = [lab_recipe, parameter, first_layer, last_layer, start, stop, points, texts_a, upload_a, texts_b,
               upload_b, probe_sets, probe_count]
     refresh.click(sweep_parameters, inputs=lab_recipe, outputs=parameter, api_name="sweep_parameters")
-    tab.select(lambda recipe: parameter_choices(recipe, quiet=True), inputs=lab_recipe, outputs=parameter)
+    tab.select(lambda recipe: parameter_choices(recipe, quiet=True), inputs=lab_recipe, outputs=parameter,
+               api_name="sweep_tab_choices", api_visibility="undocumented")
     run.click(run_sweep, inputs=inputs, outputs=[plot, table, status, csv_file, point], api_name="sweep",
               **heavy_queue())
     stop_button.click(stop_sweep, outputs=status, api_name="sweep_stop")
