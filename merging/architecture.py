@@ -33,10 +33,10 @@ DEPTH_KEYS = LAYER_COUNT_KEYS + ("depth", "encoder_layers", "num_blocks")
 MODULE_TYPES = (  # substring -> short module kind; the first match wins
     ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"),
     ("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"),
+    ("norm", "norm"), ("ln_", "norm"),  # before embed: Bloom's word_embeddings_layernorm is a norm
     ("embed_tokens", "embed"), ("wte.", "embed"), ("word_embeddings", "embed"), ("embed_in.", "embed"),
     ("lm_head", "lm_head"), ("embed_out", "lm_head"),
     ("c_attn", "qkv"), ("query_key_value", "qkv"), ("qkv_proj", "qkv"), ("Wqkv", "qkv"),
-    ("norm", "norm"), ("ln_", "norm"),
     ("attn", "attn"), ("attention", "attn"),  # other attention weights (GPT-2's c_proj, dense)
     ("mlp", "mlp"), ("experts", "mlp"), ("feed_forward", "mlp"), ("ffn", "mlp"),
 )
@@ -661,9 +661,9 @@ def structure_from_names(config: dict, names: list[str], unknown: UnknownArchite
         raise MergeError(f"{unknown}, and its tensor names do not show one stack of "
                          f"{config.get(depth_key, '?')} layers") from None
     module = next(iter(prefixes))[:-1]
-    embeddings = tuple(n for n in names if LAYER_NAME.match(n) is None and
-                       n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")))
-    head = next((n for n in ("lm_head.weight", "embed_out.weight") if n in names), "lm_head.weight")
+    outside = [n for n in names if LAYER_NAME.match(n) is None and n.endswith(".weight")]
+    embeddings = tuple(n for n in outside if module_type(n) == "embed")
+    head = next((n for n in outside if module_type(n) == "lm_head"), "lm_head.weight")
     order = tuple(embeddings) + (module + ".0",)
     return Structure(str((config.get("architectures") or [config.get("model_type")])[0]),
                      (Stack(TEXT_ROLE, module, module.rsplit(".", 1)[0] if "." in module else "", (depth_key,)),),

@@ -566,18 +566,19 @@ def _slices_dict(slices: list[OutputSlice]) -> list[dict]:
 
 def _input_models(raw: Any, path: str, document: str, notes: list) -> list[InputModel]:
     """A `models` list; `path` is where it sits ('' at the top, 'modules.vision_tower.')."""
-    if not isinstance(raw, list):
-        raise MergeError(f"{path}models{document} must be a list")
-    check_limit("models", len(raw), f"the recipe{document} lists {len(raw)} models")
-    return [_input_model(entry, f"{document} ({path}models[{i}])", f"{path}models[{i}]", document, notes)
-            for i, entry in enumerate(raw)]
+    return _entries(raw, "models", "lists", _input_model, path, document, notes)
 
 
 def _output_slices(raw: Any, path: str, document: str, notes: list) -> list[OutputSlice]:
+    return _entries(raw, "slices", "has", _output_slice, path, document, notes)
+
+
+def _entries(raw: Any, kind: str, verb: str, parse, path: str, document: str, notes: list) -> list:
+    """A list of `kind` (also the name of its limit), each entry read by `parse`."""
     if not isinstance(raw, list):
-        raise MergeError(f"{path}slices{document} must be a list")
-    check_limit("slices", len(raw), f"the recipe{document} has {len(raw)} slices")
-    return [_output_slice(entry, f"{document} ({path}slices[{i}])", f"{path}slices[{i}]", document, notes)
+        raise MergeError(f"{path}{kind}{document} must be a list")
+    check_limit(kind, len(raw), f"the recipe{document} {verb} {len(raw)} {kind}")
+    return [parse(entry, f"{document} ({path}{kind}[{i}])", f"{path}{kind}[{i}]", document, notes)
             for i, entry in enumerate(raw)]
 
 

@@ -71,3 +71,18 @@ def test_a_config_claiming_a_billion_layers_is_read_without_building_them():
     assert [(s.module, s.depth_key) for s in structure.stacks] == [("model.layers", ("num_hidden_layers",))]
     mixtral = dict(config, architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=10**6)
     assert arch._learn_structure(mixtral, "many experts").stacks[0].module == "model.layers"
+
+
+def test_an_architecture_transformers_lacks_is_read_from_its_names():
+    """One layers/h/blocks stack; embeddings and head found by their names (Bloom's
+    word_embeddings_layernorm is a norm, not a second embedding)."""
+    from merging.architecture import UnknownArchitecture, structure_from_names
+
+    names = ["transformer.word_embeddings.weight", "transformer.word_embeddings_layernorm.weight",
+             "transformer.h.0.mlp.dense_4h_to_h.weight", "transformer.h.1.mlp.dense_4h_to_h.weight",
+             "transformer.ln_f.weight", "lm_head.weight"]
+    structure = structure_from_names({"model_type": "custom", "n_layer": 2}, names,
+                                     UnknownArchitecture("custom has no transformers class"))
+    assert structure.input_embeddings == ("transformer.word_embeddings.weight",)
+    assert structure.output_head == "lm_head.weight"
+    assert structure.text.module == "transformer.h" and structure.text.depth_key == ("n_layer",)
