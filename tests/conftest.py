@@ -74,9 +74,12 @@ def _watch_first_start(start: FirstStart, started: float) -> None:
         start.shown = json.dumps([c.get("props", {}).get("value") for c in config["components"]])
         visitor = RawVisitor(app.url)
         while app.starting() is True:
-            said = visitor.call("startup_progress") or ""
+            # a short timeout: a call in flight when the Lab replaces the starting page gets no answer
+            said = visitor.call("startup_progress", timeout=5) or ""
             if not start.statuses or start.statuses[-1] != said:
                 start.statuses.append(said)
+            if "demo models are ready" in said:
+                break
             time.sleep(0.5)
     except Exception as error:  # the starting page's end (the Lab replacing it) is no failure
         if app.starting() is not False:

@@ -191,11 +191,13 @@ def in_page(trigger, function, inputs, outputs, status=None, **options):
     succeeds) or, without one, in the last output. Returns the event."""
     outputs_list = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
     if status is not None:
+        several = len(outputs_list) > 1
+
         @functools.wraps(function)
         def clearing_status(*args, **kwargs):
             result = function(*args, **kwargs)
-            return (*result, "") if len(outputs_list) > 1 else (result, "")
-        outputs_list.append(status)
+            return (*result, "") if several else (result, "")
+        outputs_list = outputs_list + [status]
     return trigger(in_status(clearing_status if status is not None else function, len(outputs_list)), inputs=inputs,
                    outputs=outputs_list if len(outputs_list) > 1 else outputs_list[0], **options)
 
