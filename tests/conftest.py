@@ -4,6 +4,8 @@ test session."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -73,17 +75,23 @@ def _watch_first_start(start: FirstStart, started: float) -> None:
             config = json.loads(response.read())
         start.shown = json.dumps([c.get("props", {}).get("value") for c in config["components"]])
         visitor = RawVisitor(app.url)
-        while app.starting() is True:
+    except Exception as error:
+        start.problem = f"the starting page: {type(error).__name__}: {error}"
+        return
+    while app.starting() is True:
+        try:
             # a short timeout: a call in flight when the Lab replaces the starting page gets no answer
             said = visitor.call("startup_progress", timeout=5) or ""
-            if not start.statuses or start.statuses[-1] != said:
-                start.statuses.append(said)
-            if "demo models are ready" in said:
-                break
-            time.sleep(0.5)
-    except Exception as error:  # the starting page's end (the Lab replacing it) is no failure
-        if app.starting() is not False:
-            start.problem = f"{type(error).__name__}: {error}"
+        except Exception as error:
+            time.sleep(1)
+            if app.starting() is True:  # not the switch to the Lab (the port closes, or says 503, meanwhile)
+                start.problem = f"the starting page's progress: {type(error).__name__}: {error}"
+            return
+        if not start.statuses or start.statuses[-1] != said:
+            start.statuses.append(said)
+        if "demo models are ready" in said:
+            return
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
@@ -131,3 +139,44 @@ def arch_families(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("architectures")
     return {name: make_family(name, root / name) for name in ARCHITECTURES}
+
+
+# ---- Chromium, driven by Playwright (Debian's package; .ci/run installs it) ------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """One browser per test module; each test gets its own context (cookies, session)."""
+    if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def _new_page(browser, width: int, height: int):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    return context, context.new_page()
+
+
+@pytest.fixture
+def page(chromium):
+    """A new visitor's page, tall enough for whole-page screenshots of a tab."""
+    context, new_page = _new_page(chromium, 1280, 1400)
+    yield new_page
+    context.close()
+
+
+@pytest.fixture
+def small_screen(chromium):
+    """A new visitor's page at 1400x900: the first screen a person sees on a laptop."""
+    context, new_page = _new_page(chromium, 1400, 900)
+    yield new_page
+    context.close()

@@ -1,4 +1,4 @@
-"""The app in a real browser: Debian's Chromium driven by Playwright.
+"""The app in a real browser: Debian's Chromium driven by Playwright (fixtures in conftest).
 
 Open the app, press Merge, ask all three panes, see their replies and the weights heatmap.
 With MERGELAB_SCREENSHOTS set to a folder, the screenshots are saved there (docs/ for the
@@ -8,27 +8,7 @@ README); otherwise into the test's temporary folder.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
-
-import pytest
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
-
-
-@pytest.fixture
-def page():
-    if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser.new_page(viewport={"width": 1280, "height": 1400})
-        browser.close()
-
 
 def test_merge_ask_and_see_the_weights_in_chromium(server, page, tmp_path):
     shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import page  # noqa: F401  (the Chromium page fixture)
 
 from merging import get_method
 
@@ -48,7 +47,7 @@ def _controls(name: str) -> list[tuple[str, object]]:
 
 
 @pytest.mark.parametrize("name", ["slerp", "ties", "dare_ties", "linear", "task_arithmetic"])
-def test_every_generated_control_writes_the_recipe_in_chromium(server, page, name, tmp_path):  # noqa: F811
+def test_every_generated_control_writes_the_recipe_in_chromium(server, page, name, tmp_path):
     _open_builder(page, server)
     if name != "slerp":
         _pick_method(page, name)
@@ -87,7 +86,7 @@ def test_every_generated_control_writes_the_recipe_in_chromium(server, page, nam
         page.screenshot(path=str(shots / "app-build-recipe.png"), full_page=True)
 
 
-def test_the_builders_defaults_merge_in_chromium(server, page):  # noqa: F811
+def test_the_builders_defaults_merge_in_chromium(server, page):
     _open_builder(page, server)
     page.get_by_role("button", name="Write the recipe").click()
     page.get_by_text("merge_method: slerp").wait_for(timeout=30_000)
@@ -111,7 +110,7 @@ def _parameters_of(recipe: str, model_suffix: str) -> dict:
     return next(m.get("parameters") or {} for m in config["models"] if m["model"].endswith(model_suffix))
 
 
-def test_the_per_layer_editor_shapes_each_models_own_values_in_chromium(server, page):  # noqa: F811
+def test_the_per_layer_editor_shapes_each_models_own_values_in_chromium(server, page):
     """TIES: the panel offers lambda and each model's weight and density (not the base's), a
     preset writes the picked model's density per layer, and the recipe merges."""
     _open_builder(page, server)
@@ -138,7 +137,7 @@ def test_the_per_layer_editor_shapes_each_models_own_values_in_chromium(server, 
     page.get_by_text("(history #").wait_for(timeout=180_000)
 
 
-def test_per_layer_presets_on_a_linear_recipe_shape_a_models_weight_never_t_in_chromium(server, page):  # noqa: F811
+def test_per_layer_presets_on_a_linear_recipe_shape_a_models_weight_never_t_in_chromium(server, page):
     _open_builder(page, server)
     _pick_method(page, "linear")
     page.get_by_text(f"weight of {REVERSE}").first.wait_for(timeout=30_000)
@@ -153,7 +152,7 @@ def test_per_layer_presets_on_a_linear_recipe_shape_a_models_weight_never_t_in_c
     assert not any(line.strip().startswith("t:") for line in recipe.splitlines()), recipe
 
 
-def test_a_failed_write_says_why_under_the_button_and_leaves_the_editor_usable(server, page):  # noqa: F811
+def test_a_failed_write_says_why_under_the_button_and_leaves_the_editor_usable(server, page):
     _open_builder(page, server)
     before = _recipe(page)
     page.get_by_label("models (demo family, a local folder or a hub id: type to add)").click()

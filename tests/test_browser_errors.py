@@ -8,11 +8,12 @@ mean"; models go by short names; a mistake logs one line; a first start answers 
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
-from test_browser import page  # noqa: F401  (the Chromium page fixture)
 
 TYPO = "merge_method: slerpp"
 ERROR_BADGE = ".wrap .error"  # Gradio's status tracker when an event failed on an output
@@ -26,7 +27,7 @@ def _write_editor(page, text: str, index: int = 0) -> None:
     page.keyboard.insert_text(text)
 
 
-def test_a_failed_check_says_did_you_mean_and_leaves_the_editor_usable(server, page):
+def test_a_failed_check_says_did_you_mean_and_leaves_the_editor_usable(server, page, tmp_path):
     page.goto(server)
     page.get_by_role("tab", name="Check a recipe").click()
     editor = page.locator(".cm-content").last
@@ -38,9 +39,12 @@ def test_a_failed_check_says_did_you_mean_and_leaves_the_editor_usable(server, p
     assert "known methods" not in page.get_by_text("did you mean slerp?").inner_text()
     assert page.locator(ERROR_BADGE).count() == 0
     assert editor.is_visible()  # still there, still editable: fix the typo and check again
+    shots = Path(os.environ.get("MERGELAB_SCREENSHOTS") or tmp_path)
+    page.screenshot(path=str(shots / "app-recipe-error.png"), full_page=True)
     _write_editor(page, recipe.replace(TYPO, "merge_method: slerp"), index=page.locator(".cm-content").count() - 1)
     page.get_by_role("button", name="Check recipe").click()
     page.get_by_text("output: 30 layers").wait_for(timeout=60_000)
+    page.screenshot(path=str(shots / "app-recipe-plan.png"), full_page=True)
 
 
 def test_a_failed_merge_shows_its_message_in_the_status_not_over_it(server, page):

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import ARGS, CHROMIUM
 
 
 @pytest.fixture
-def page():
-    if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser.new_page(viewport={"width": 1400, "height": 900})
-        browser.close()
+def page(small_screen):
+    return small_screen
 
 
 def shots_folder(tmp_path) -> Path:

@@ -12,24 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import ARGS, CHROMIUM
 
 SLIDER = "number input for t"  # the slider's number box; its label says what t is
 
 
 @pytest.fixture
-def lab(server):
-    if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(server)
-        page.locator(".cm-content").first.wait_for(timeout=30_000)
-        yield page
-        browser.close()
+def lab(server, small_screen):
+    small_screen.goto(server)
+    small_screen.locator(".cm-content").first.wait_for(timeout=30_000)
+    return small_screen
 
 
 def recipe_text(page) -> str:

@@ -455,7 +455,7 @@ def build_lab(family: Optional[dict]):
 
     with gr.Accordion("Per-layer values: control points for attention, MLP and the rest", open=False):
         with gr.Row():
-            shaped = gr.Dropdown([("t", "t")], value="t", label="parameter",
+            shaped = gr.Dropdown([("t", "t")], value="t", label="parameter", scale=2,
                                  info="what the method takes: its t or lambda, or each model's weight or density")
             preset = gr.Dropdown(list(layers.PRESETS), value=None, label="preset")
             read = gr.Button("Read from recipe")

@@ -69,5 +69,6 @@ def values_figure(attention: list[float], mlp: list[float], other: list[float], 
     figure.update_layout(xaxis_title="layer", yaxis_title=axis_title, yaxis={"range": [low - pad, high + pad],
                                                                             "automargin": True},
                          height=320, margin={"l": 70, "r": 20, "t": 40, "b": 40},
-                         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0})
+                         # above the data, on the right: the plot's label box sits on the left
+                         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1})
     return figure
