@@ -144,3 +144,29 @@ def test_nearswap_swaps_only_close_entries():
 def test_karcher_of_two_equal_norm_vectors_is_their_normalized_midpoint():
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert torch.allclose(run("karcher", [a, b]), torch.tensor([2**-0.5, 2**-0.5]), atol=1e-5)
+
+
+def test_equal_magnitudes_at_the_cut_keep_the_lower_index_first():
+    """The tie rule of TIES and breadcrumbs pruning (sparsify.rank_window): entries are ranked
+    by |d| with equal magnitudes in index order, as a stable sort would; the window's edges
+    come from selection, not a sort. Checked against a stable argsort on tie-heavy vectors
+    (bfloat16 task vectors have many equal magnitudes)."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        count = int(torch.randint(1, 300, (), generator=generator))
+        vector = (torch.randint(-4, 5, (count,), generator=generator).float() / 4).to(torch.bfloat16).float()
+        density = float(torch.rand((), generator=generator))
+        gamma = float(torch.rand((), generator=generator)) * (1 - density)
+        k = max(1, int(density * count))
+        top = torch.argsort(-vector.abs(), stable=True)[:k]
+        expected = torch.zeros_like(vector)
+        expected[top] = vector[top]
+        assert torch.equal(sparsify.magnitude(vector, density), expected)
+        keep, n_top = int(density * count), int(gamma * count)
+        n_bot = max(0, count - keep - n_top)
+        window = torch.argsort(vector.abs(), stable=True)[n_bot:n_bot + keep]
+        expected = torch.zeros_like(vector)
+        expected[window] = vector[window]
+        assert torch.equal(sparsify.magnitude_outliers(vector, density, gamma), expected)
+    ties = torch.tensor([0.5, -1.0, 0.5, 1.0, -0.5, 0.25])
+    assert sparsify.magnitude(ties, 0.5).tolist() == [0.5, -1.0, 0.0, 1.0, 0.0, 0.0]  # of three 0.5s, the first
