@@ -96,6 +96,16 @@ def test_the_builders_defaults_merge_in_chromium(server, page):
     page.get_by_text("(history #").wait_for(timeout=120_000)
 
 
+def _builders_recipe(page, server, method: str, last_control: str):
+    """Write the builder's recipe for `method` on its default models, once its controls (the
+    last one labelled `last_control`) are generated."""
+    _open_builder(page, server)
+    _pick_method(page, method)
+    page.get_by_text(last_control).first.wait_for(timeout=30_000)
+    page.get_by_role("button", name="Write the recipe").click()
+    page.get_by_text(f"merge_method: {method}").wait_for(timeout=30_000)
+
+
 def _per_layer_panel(page, parameter: str):
     """Open the per-layer panel and pick what it shapes."""
     page.get_by_text("Per-layer values: control points for attention, MLP and the rest").click()
@@ -113,11 +123,7 @@ def _parameters_of(recipe: str, model_suffix: str) -> dict:
 def test_the_per_layer_editor_shapes_each_models_own_values_in_chromium(server, page):
     """TIES: the panel offers lambda and each model's weight and density (not the base's), a
     preset writes the picked model's density per layer, and the recipe merges."""
-    _open_builder(page, server)
-    _pick_method(page, "ties")
-    page.get_by_text(f"density of {REVERSE}").first.wait_for(timeout=30_000)
-    page.get_by_role("button", name="Write the recipe").click()
-    page.get_by_text("merge_method: ties").wait_for(timeout=30_000)
+    _builders_recipe(page, server, "ties", f"density of {REVERSE}")
     _per_layer_panel(page, f"density of {REVERSE}")
     options = page.get_by_label("parameter", exact=True)
     options.click()
@@ -138,11 +144,7 @@ def test_the_per_layer_editor_shapes_each_models_own_values_in_chromium(server, 
 
 
 def test_per_layer_presets_on_a_linear_recipe_shape_a_models_weight_never_t_in_chromium(server, page):
-    _open_builder(page, server)
-    _pick_method(page, "linear")
-    page.get_by_text(f"weight of {REVERSE}").first.wait_for(timeout=30_000)
-    page.get_by_role("button", name="Write the recipe").click()
-    page.get_by_text("merge_method: linear").wait_for(timeout=30_000)
+    _builders_recipe(page, server, "linear", f"weight of {REVERSE}")
     _per_layer_panel(page, f"weight of {JSON}")
     page.get_by_label("preset").click()
     page.get_by_role("option", name="LazyMergekit gradient").click()

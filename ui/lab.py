@@ -509,7 +509,8 @@ def build_lab(family: Optional[dict]):
                 expert_use.click(use_values, inputs=[recipe, attention, mlp, other, *sliders],
                                  outputs=[attention, mlp, other, recipe, curve], api_name="use_layer_sliders")
     preset.input(use_preset, inputs=preset, outputs=[attention, mlp, other], api_name="preset").then(
-        set_layers, inputs=[recipe, attention, mlp, other, shaped], outputs=[recipe, curve], api_visibility="private")
+        set_layers, inputs=[recipe, attention, mlp, other, shaped], outputs=[recipe, curve],
+        api_name="preset_write", api_visibility="private")  # named: else it takes /set_layers from the button
     apply.click(set_layers, inputs=[recipe, attention, mlp, other, shaped], outputs=[recipe, curve],
                 api_name="set_layers")
     read.click(read_layers, inputs=[recipe, shaped], outputs=[attention, mlp, other, curve], api_name="read_layers")
