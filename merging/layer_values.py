@@ -11,6 +11,7 @@ from typing import Optional
 
 from .config import MergeConfig
 from .errors import MergeError
+from .limits import check as check_limit
 from .parameters import gradient_value
 
 FILTERS = ("self_attn", "mlp")  # what LazyMergekit writes for Llama-style models
@@ -61,6 +62,9 @@ def parameter_bounds(config: MergeConfig, key: str) -> tuple[Optional[float], Op
 
 def require_layer_parameter(config: MergeConfig, key: str) -> None:
     """A MergeError naming what the method has, when `key` is not one it can shape per layer."""
+    if not isinstance(key, str):
+        raise MergeError(f"the parameter must be a name such as t or weight@MODEL, got {type(key).__name__}")
+    check_limit("recipe_bytes", len(key), f"the parameter's name is {len(key)} characters")
     shaped = layer_parameters(config)
     if key in shaped:
         return
@@ -115,7 +119,8 @@ def points_from_config(config: MergeConfig, key: str, filters: tuple[str, str] =
                        ) -> tuple[list[float], list[float], list[float]]:
     """Read (attention, MLP, other) control points back for `key` (see with_layer_points): a
     model's own setting, else the top level's (mergekit's lookup order), else the method's
-    default."""
+    default. Refused for a parameter the method does not take (see with_layer_points)."""
+    require_layer_parameter(config, key)
     name, _, model = key.partition("@")
     scopes = [h.parameters or {} for h in _holders(config, key)] + ([config.parameters or {}] if model else [])
     setting = next((scope[name] for scope in scopes if scope.get(name) is not None), None)

@@ -554,6 +554,28 @@ def test_per_layer_control_points_are_bounded(world):
     assert "MERGELAB_MAX_" in message, message  # refused by a limit, before the points are used
 
 
+def test_the_per_layer_parameter_is_only_one_the_recipe_takes(world):
+    """The per-layer panel's parameter picker sends a name (`t`, `density@MODEL`): a path, a
+    model the recipe lacks, a base's value TIES ignores, a huge name or a number is refused in
+    one line, and nothing outside the recipe is opened or written."""
+    visitor = client(world.main)
+    ties = (f"models:\n  - model: {world.demo('reverse')}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+            f"merge_method: ties\nbase_model: {world.demo('json')}\ndtype: float32\n")
+    for parameter, words in [("density@/etc/passwd", "takes no 'density' for '/etc/passwd'"),
+                             (f"density@{world.demo('json')}", "takes no 'density'"),
+                             ("t", "ties has no 't'"),
+                             ("x" * 200_000, "MERGELAB_MAX_")]:
+        for api_name, args in [("/set_layers", (ties, "0.5", "0.5", "0.5", parameter)),
+                               ("/read_layers", (ties, parameter)),
+                               ("/edit_layers", (ties, "0.5", "0.5", "0.5", "MLP", "set", 0, 1, 0.2, parameter))]:
+            message = refusal(visitor, *args, api_name=api_name)
+            assert_readable(message, words)
+            assert len(message) < 2000, message[:200]
+    written, _ = visitor.predict(ties, "0, 1", "0.5", "0.5", f"density@{world.demo('reverse')}",
+                                 api_name="/set_layers")
+    assert "filter: self_attn" in written and "/etc/passwd" not in written
+
+
 def test_a_sweep_is_checked_whole_before_its_first_merge(world):
     """A sweep from t=0 to t=-1 (every point but the first out of range), and one whose only
     text is too short to score: both are knowable before any work, so both should be refused

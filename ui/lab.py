@@ -20,7 +20,7 @@ from merging.config import recipe_from_text
 from merging.evaluate import layer_facts, with_parameter
 from merging.generation import Sampling, stream_many
 from merging.layer_values import (edit_range, expand, layer_parameters, parameter_bounds, points_from_config,
-                                   with_layer_points)
+                                   require_layer_parameter, with_layer_points)
 from merging.limits import (check as check_limit, clamp_check, finite_number, is_public_deployment, limit,
                             whole_number)
 from merging.plan import format_bytes
@@ -304,7 +304,7 @@ def edit_layers(recipe: str, attention: str, mlp: str, other: str, module: str, 
     if operation not in ("set", "add", "multiply"):
         raise MergeError(f"unknown operation '{operation}'")
     first, last = whole_number(first, "from layer"), whole_number(last, "to layer")
-    with_layer_points(config, parameter, [0.0], [0.0], [0.0])  # a parameter the method lacks: said first
+    require_layer_parameter(config, parameter)  # a parameter the method lacks: said before any work
     low, high = parameter_bounds(config, parameter)
     texts[module] = layers.format_points(edit_range(expand(points, count), operation, first, last,
                                                     finite_number(amount, "amount"), low=low, high=high))
@@ -455,7 +455,9 @@ def build_lab(family: Optional[dict]):
 
     with gr.Accordion("Per-layer values: control points for attention, MLP and the rest", open=False):
         with gr.Row():
-            shaped = gr.Dropdown([("t", "t")], value="t", label="parameter", scale=2,
+            # custom values: a script names a model's value (weight@MODEL) that the page lists only
+            # once the recipe is read; the library refuses a name the method does not take
+            shaped = gr.Dropdown([("t", "t")], value="t", label="parameter", scale=2, allow_custom_value=True,
                                  info="what the method takes: its t or lambda, or each model's weight or density")
             preset = gr.Dropdown(list(layers.PRESETS), value=None, label="preset")
             read = gr.Button("Read from recipe")
@@ -484,7 +486,7 @@ def build_lab(family: Optional[dict]):
                                   request: gr.Request = None):
                 config = _config(recipe_text)
                 count, filters = layer_facts(config)
-                with_layer_points(config, key, [0.0], [0.0], [0.0])  # a parameter the method lacks: said first
+                require_layer_parameter(config, key)
                 low, high = parameter_bounds(config, key)
                 texts = {"attention": attention_text, "MLP": mlp_text, "other": other_text}
                 values = expand(layers.parse_points(texts[module_name], module_name), count)
