@@ -134,7 +134,7 @@ def _kept_fractions(plan: MergePlan, task: TensorTask, tensors, seed: int) -> di
     inputs = make_inputs(plan, task, tensors, seed)
     weighted = []
     for n, (i, params) in enumerate(zip(others, task.model_params)):
-        pruned = task_arithmetic.prune(tensors[i] - base, family.pruning, params, inputs.generator(n), None)
+        pruned = task_arithmetic.prune(tensors[i] - base, family.pruning, params, inputs, n, None)
         weighted.append(pruned * params["weight"])
     stacked = torch.stack(weighted)
     kept = stacked != 0

@@ -144,7 +144,8 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
         yield inputs.stored[0].clone()  # integer buffers are copied from the first input
         return
     if elementwise is None or not task.shape:
-        result = plan.method.merge(make_inputs(plan, task, inputs.block(0, inputs.rows), seed, cache))
+        whole = inputs.block(0, inputs.rows, stored=plan.method.stored_inputs)
+        result = plan.method.merge(make_inputs(plan, task, whole, seed, cache))
         if release:
             inputs.release()
         for start in range(0, max(1, inputs.rows), step) if task.shape else [0]:

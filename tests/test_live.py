@@ -146,7 +146,7 @@ def test_stream_yields_pieces_then_the_whole_answer(tiny):
 TIES = """
 models:
   - model: {c1}
-    parameters: {{weight: {w1}, density: 0.5}}
+    parameters: {{weight: {w1}, density: {d1}}}
   - model: {c2}
     parameters: {{weight: 0.5, density: 0.7}}
 merge_method: {method}
@@ -156,20 +156,27 @@ dtype: float32
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_weight_changes_reuse_pruned_task_vectors(method, tiny, tmp_path):
-    text = lambda w1: TIES.format(**paths(tiny, w1=w1, method=method))  # noqa: E731
+def test_weight_changes_reuse_pruning_rules_and_density_changes_reuse_histograms(method, tiny, tmp_path):
+    text = lambda w1, d1=0.5: TIES.format(**paths(tiny, w1=w1, d1=d1, method=method))  # noqa: E731
     live = LiveMerge(text(0.5), device="cpu", seed=2)
     cache = live.tensor_cache
-    assert cache.misses == 2 * 39 and cache.hits == 0 and live.cache_bytes > 0
+    per_model = 2 if method == "ties" else 1  # a rule per model and tensor; TIES's also a histogram of |d|
+    assert cache.misses == per_model * 2 * 39 and cache.hits == 0 and live.cache_bytes > 0
     stats = live.update(text(0.9))
-    assert stats.recomputed == 39 and cache.hits == 2 * 39 and cache.misses == 2 * 39
+    assert stats.recomputed == 39 and cache.hits == 2 * 39 and cache.misses == per_model * 2 * 39
     written = load_tensors(merge(text(0.9), tmp_path / "out", seed=2))
+    state = live.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in written.items())
+    hits, misses = cache.hits, cache.misses
+    live.update(text(0.9, d1=0.3))  # the first model's rules again (TIES: from its cached histograms)
+    assert cache.misses == misses + 39 and cache.hits == hits + 39 + (39 if method == "ties" else 0)
+    written = load_tensors(merge(text(0.9, d1=0.3), tmp_path / "out2", seed=2))
     state = live.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in written.items())
 
 
 def test_a_zero_cache_budget_stores_nothing_and_stays_correct(tiny, tmp_path):
-    text = TIES.format(**paths(tiny, w1=0.3, method="ties"))
+    text = TIES.format(**paths(tiny, w1=0.3, d1=0.5, method="ties"))
     live = LiveMerge(text, device="cpu", cache_budget_bytes=0)
     assert live.tensor_cache.bytes == 0 and live.cache_bytes == 0
     written = load_tensors(merge(text, tmp_path / "out"))

@@ -65,7 +65,7 @@ def test_ties_keeps_exactly_the_top_density_entries(pair):
 def test_dare_keeps_about_density_and_leaves_kept_entries_unchanged(pair, density):
     base, other = pair
     task_vector = other - base
-    pruned = sparsify.bernoulli(task_vector, density, torch.Generator().manual_seed(1))
+    pruned = sparsify.random_keep(task_vector, density, key=1)
     kept = pruned != 0
     fraction = kept.float().mean().item()
     sigma = (density * (1 - density) / task_vector.numel()) ** 0.5

@@ -118,7 +118,11 @@ class TensorInputs:
         generator.manual_seed((self.seed + 0x9E3779B97F4A7C15 * (index + 1)) % 2**63)
         return generator
 
-    def cached(self, key: Optional[tuple], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def stream_key(self, index: int) -> int:
+        """The key of models[index]'s counter-based random stream (sparsify.hash_draws)."""
+        return ((self.seed or 0) + 0x9E3779B97F4A7C15 * (index + 1)) % 2**64
+
+    def cached(self, key: Optional[tuple], compute: Callable[[], Any]) -> Any:
         """compute(), or the cached result for `key` (with a cache and a key)."""
         if self.cache is None or key is None or self.keys is None:
             return compute()
@@ -126,7 +130,8 @@ class TensorInputs:
 
 
 class TensorCache:
-    """Tensors kept between updates, least recently used dropped first, within a byte budget."""
+    """Tensors (and other things with an `nbytes`) kept between updates, least recently
+    used dropped first, within a byte budget."""
 
     def __init__(self, budget_bytes: int):
         from collections import OrderedDict
@@ -136,18 +141,18 @@ class TensorCache:
         self.bytes = 0
         self.hits = self.misses = 0
 
-    def get_or_compute(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get_or_compute(self, key: tuple, compute: Callable[[], Any]) -> Any:
         if key in self.entries:
             self.hits += 1
             self.entries.move_to_end(key)
             return self.entries[key]
         self.misses += 1
         value = compute()
-        size = value.numel() * value.element_size()
+        size = value.nbytes  # a tensor, an array, or anything that says its size
         if size <= self.budget_bytes:
             while self.bytes + size > self.budget_bytes and self.entries:
                 _, dropped = self.entries.popitem(last=False)
-                self.bytes -= dropped.numel() * dropped.element_size()
+                self.bytes -= dropped.nbytes
             self.entries[key] = value
             self.bytes += size
         return value
@@ -204,6 +209,7 @@ class Method:
     check: Optional[Callable[[dict, list[dict], str], None]] = field(default=None)
     reference: str = ""
     elementwise: Optional[Elementwise] = None
+    stored_inputs: bool = False  # merge takes the inputs as stored (bfloat16...) and widens them itself
 
     def __post_init__(self):
         if self.merge is None:

@@ -11,9 +11,10 @@ import torch
 
 
 def rescale_l1(original: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Scale `pruned` so that its L1 norm equals the original's (mergekit's DARE rescale)."""
-    before = original.abs().sum()
-    after = pruned.abs().sum()
+    """Scale `pruned` so that its L1 norm equals the original's (mergekit's DARE rescale);
+    the norms are float64 sums, their quotient applied in float32."""
+    before = float(original.abs().sum(dtype=torch.float64))
+    after = float(pruned.abs().sum(dtype=torch.float64))
     if before < eps or after < eps:
         return pruned
     return pruned * (before / after)
@@ -93,30 +94,60 @@ def magnitude_outliers(task_vector: torch.Tensor, density: float, gamma: float) 
     return task_vector * kept.reshape(task_vector.shape)
 
 
-def bernoulli(task_vector: torch.Tensor, density: float, generator: Optional[torch.Generator]
-              ) -> torch.Tensor:
-    """DARE: keep each entry independently with probability `density`."""
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def hash_draws(count: int, key: int, device=None) -> torch.Tensor:
+    """32-bit draws h_j = top 32 bits of splitmix64(key + (j + 1) * golden), j < count.
+
+    A counter-based generator: draw j depends on (key, j) alone, so any part of a tensor
+    can be drawn on its own (methods.fused draws entry by entry) with the same result on
+    every device. int64 arithmetic wraps like uint64; right shifts are masked to be logical.
+    """
+    z = torch.arange(1, count + 1, dtype=torch.int64, device=device) * _signed(GOLDEN) + _signed(key % (1 << 64))
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _signed(0x94D049BB133111EB)
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    return (z >> 32) & 0xFFFFFFFF
+
+
+def keep_threshold(density: float) -> int:
+    """Entry j is kept iff its draw is below floor(density 2^32): probability density."""
+    return int(density * (1 << 32))
+
+
+def random_keep(task_vector: torch.Tensor, density: float, key: int) -> torch.Tensor:
+    """DARE: keep each entry independently with probability `density` (hash_draws(key))."""
     if density >= 1:
         return task_vector
-    probabilities = torch.full_like(task_vector, density)
-    mask = torch.bernoulli(probabilities, generator=generator)
-    return task_vector * mask
+    keep = hash_draws(task_vector.numel(), key, task_vector.device) < keep_threshold(density)
+    return task_vector * keep.reshape(task_vector.shape)
+
+
+def della_keep(task_vector: torch.Tensor, density: float, epsilon: float,
+               generator: Optional[torch.Generator]) -> torch.Tensor:
+    """DELLA's keep mask (1/0, the task vector's shape): per row, keep probability
+    (density - eps) + 2 eps r, r = rank of |d| in [0, 1]. Larger entries are kept more
+    often; on average the row keeps `density` of its entries."""
+    if density <= 0:
+        return torch.zeros_like(task_vector)
+    rows = task_vector if task_vector.dim() >= 2 else task_vector.unsqueeze(0)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)  # equal magnitudes ranked in index order
+    ranks = torch.empty_like(rows).scatter_(1, order, torch.arange(rows.shape[1], dtype=rows.dtype,
+                                                                   device=rows.device).expand_as(rows))
+    width = rows.shape[1]
+    rank_in_unit = ranks / (width - 1) if width > 1 else torch.zeros_like(ranks)
+    probabilities = (density - epsilon) + rank_in_unit * (2 * epsilon)
+    return torch.bernoulli(probabilities, generator=generator).reshape(task_vector.shape)
 
 
 def della_magprune(task_vector: torch.Tensor, density: float, epsilon: float,
                    generator: Optional[torch.Generator]) -> torch.Tensor:
-    """DELLA: per row, keep probability (density - eps) + 2 eps r, r = rank of |d| in [0, 1].
-
-    Larger entries are kept more often; on average the row keeps `density` of its entries.
-    """
+    """DELLA pruning: the task vector times della_keep's mask."""
     if density >= 1:
         return task_vector
-    if density <= 0:
-        return torch.zeros_like(task_vector)
-    rows = task_vector if task_vector.dim() >= 2 else task_vector.unsqueeze(0)
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(rows.dtype)
-    width = rows.shape[1]
-    rank_in_unit = ranks / (width - 1) if width > 1 else torch.zeros_like(ranks)
-    probabilities = (density - epsilon) + rank_in_unit * (2 * epsilon)
-    mask = torch.bernoulli(probabilities, generator=generator)
-    return (rows * mask).reshape(task_vector.shape)
+    return task_vector * della_keep(task_vector, density, epsilon, generator)

@@ -15,13 +15,14 @@ task vectors).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..errors import MergeError
-from . import sparsify
+from . import fused, sparsify
 from .registry import (
     BASE_REQUIRED,
     Elementwise,
@@ -41,8 +42,9 @@ class Family:
     rescale: bool
 
 
-def prune(task_vector: torch.Tensor, pruning: Optional[str], params: dict,
-          generator: Optional[torch.Generator], rescale_mode: Optional[str]) -> torch.Tensor:
+def prune(task_vector: torch.Tensor, pruning: Optional[str], params: dict, inputs: TensorInputs, index: int,
+          rescale_mode: Optional[str]) -> torch.Tensor:
+    """models[index]'s task vector pruned (and rescaled), with whole-tensor torch operations."""
     density = params.get("density", 1.0)
     if pruning is None:
         return task_vector
@@ -51,9 +53,9 @@ def prune(task_vector: torch.Tensor, pruning: Optional[str], params: dict,
     elif pruning == "outliers":
         pruned = sparsify.magnitude_outliers(task_vector, density, params["gamma"])
     elif pruning == "random":
-        pruned = sparsify.bernoulli(task_vector, density, generator)
+        pruned = sparsify.random_keep(task_vector, density, inputs.stream_key(index))
     elif pruning == "della":
-        pruned = sparsify.della_magprune(task_vector, density, params["epsilon"], generator)
+        pruned = sparsify.della_magprune(task_vector, density, params["epsilon"], inputs.generator(index))
     else:
         raise ValueError(pruning)
     if density >= 1 or pruned is task_vector:
@@ -61,13 +63,14 @@ def prune(task_vector: torch.Tensor, pruning: Optional[str], params: dict,
     return sparsify.rescale(task_vector, pruned, rescale_mode, density)
 
 
-def _pruning_key(inputs: TensorInputs, index: int, family: Family, rescale_mode: Optional[str]):
-    """Everything a pruned task vector depends on (its weight is applied after pruning)."""
+def _pruning_key(inputs: TensorInputs, index: int, family: Family, rescale_mode: Optional[str], kind: str):
+    """Everything a pruned task vector (kind "pruned") or its rule (kind "rule") depends
+    on; its weight is applied after pruning."""
     if family.pruning is None or inputs.keys is None:
         return None
     settings = tuple(sorted((k, v) for k, v in inputs.model_params[index].items() if k != "weight"))
     seed = inputs.seed if family.pruning in ("random", "della") else None
-    return ("pruned", inputs.keys[index], inputs.keys[-1], family.pruning, settings, rescale_mode, seed)
+    return (kind, inputs.keys[index], inputs.keys[-1], family.pruning, settings, rescale_mode, seed)
 
 
 def sign_mask(weighted: torch.Tensor) -> torch.Tensor:
@@ -76,20 +79,32 @@ def sign_mask(weighted: torch.Tensor) -> torch.Tensor:
     return weighted.sign() == majority
 
 
+def _rescale_mode(params: dict) -> Optional[str]:
+    if not params.get("rescale", False):
+        return None
+    return "inverse_density" if params.get("rescale_mode") == "inverse_density" else "l1"
+
+
 def combine(inputs: TensorInputs, family: Family) -> torch.Tensor:
-    base = inputs.base
+    """The family's merge: fused kernels on the CPU, whole-tensor torch elsewhere."""
     if not inputs.models:
-        return base
+        return inputs.base.float()
+    if fused.available(inputs.base):
+        return combine_fused(inputs, family)
+    return combine_reference(inputs, family)
+
+
+def combine_reference(inputs: TensorInputs, family: Family) -> torch.Tensor:
+    """The math of the module docstring, on whole float32 tensors."""
+    base = inputs.base.float()
     params = inputs.params
-    rescale_mode = None
-    if params.get("rescale", False):
-        rescale_mode = "inverse_density" if params.get("rescale_mode") == "inverse_density" else "l1"
+    rescale_mode = _rescale_mode(params)
     weights = inputs.per_model("weight")
     weighted = torch.empty((len(inputs.models), *base.shape), dtype=base.dtype, device=base.device)
     for index, (model, model_params) in enumerate(zip(inputs.models, inputs.model_params)):
         def pruned(model=model, model_params=model_params, index=index):
-            return prune(model - base, family.pruning, model_params, inputs.generator(index), rescale_mode)
-        task_vector = inputs.cached(_pruning_key(inputs, index, family, rescale_mode), pruned)
+            return prune(model.float() - base, family.pruning, model_params, inputs, index, rescale_mode)
+        task_vector = inputs.cached(_pruning_key(inputs, index, family, rescale_mode, "pruned"), pruned)
         torch.mul(task_vector, weights[index], out=weighted[index])
     weight_column = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(
         (-1,) + (1,) * base.dim())
@@ -107,6 +122,64 @@ def combine(inputs: TensorInputs, family: Family) -> torch.Tensor:
     if params["lambda"] != 1:
         mixed *= params["lambda"]
     return base + mixed
+
+
+def combine_fused(inputs: TensorInputs, family: Family) -> torch.Tensor:
+    """combine_reference's result from methods.fused: one pass over the stored inputs, with
+    each model's pruning kept as a Rule (cached: a weight change reuses it)."""
+    tensors = [inputs.base, *inputs.models]
+    if len({t.dtype for t in tensors}) > 1:  # mixed storage: widen all to float32
+        tensors = [t.float() for t in tensors]
+    base = fused.source_array(tensors[0])
+    models = tuple(fused.source_array(t) for t in tensors[1:])
+    rescale_mode = _rescale_mode(inputs.params)
+    rules = []
+    for index in range(len(models)):
+        def rule(index=index):
+            return _rule(inputs, index, family, base, models[index], rescale_mode)
+        rules.append(inputs.cached(_pruning_key(inputs, index, family, rescale_mode, "rule"), rule))
+    merged = fused.combine(base, models, rules, inputs.per_model("weight"), family.sign_vote,
+                           inputs.params["normalize"], inputs.params["lambda"])
+    return merged.reshape(inputs.base.shape)
+
+
+def _rule(inputs: TensorInputs, index: int, family: Family, base, model,
+          rescale_mode: Optional[str]) -> fused.Rule:
+    """How models[index] is pruned and rescaled (the rules of `prune`, as data)."""
+    params = inputs.model_params[index]
+    density = params.get("density", 1.0)
+    if family.pruning is None or density >= 1:
+        return fused.Rule()
+    count = len(base)
+
+    def histogram():
+        key = ("histogram", inputs.keys[index], inputs.keys[-1]) if inputs.keys else None
+        return inputs.cached(key, lambda: fused.key_histogram(base, model))
+
+    empty = (fused.NO_EDGE, 0, fused.NO_EDGE, 0)
+    if family.pruning == "magnitude":  # the top max(1, int(density N)) by |d|
+        edges = (fused.window_rule(base, model, 0, max(1, int(density * count)), True, histogram)
+                 if density > 0 else empty)
+        rule = fused.Rule(fused.WINDOW, True, edges)
+    elif family.pruning == "outliers":  # ranks [n_bot, n_bot + keep) by ascending |d|
+        keep, top = int(density * count), int(params["gamma"] * count)
+        start = max(0, count - keep - top)
+        stop = min(count, start + keep)
+        edges = fused.window_rule(base, model, start, stop, False, histogram) if start < stop else empty
+        rule = fused.Rule(fused.WINDOW, False, edges)
+    elif family.pruning == "random":
+        rule = fused.Rule(fused.HASH, key=inputs.stream_key(index), threshold=sparsify.keep_threshold(density))
+    else:  # della: its per-row ranks need a sort; the mask is kept
+        task_vector = inputs.models[index].float() - inputs.base.float()
+        keep = sparsify.della_keep(task_vector, density, params["epsilon"], inputs.generator(index))
+        rule = fused.Rule(fused.MASK, mask=keep.reshape(-1).to(torch.uint8).numpy())
+    if rescale_mode == "inverse_density":
+        return dataclasses.replace(rule, scale_mode=fused.DIVIDE, density=density)
+    if rescale_mode == "l1":
+        before, after = fused.abs_sums(base, model, rule)
+        if before >= 1e-7 and after >= 1e-7:
+            return dataclasses.replace(rule, scale_mode=fused.MULTIPLY, scale=before / after)
+    return rule
 
 
 def task_arithmetic_coefficients(sums, inputs: TensorInputs) -> list[float]:
@@ -165,7 +238,7 @@ def _family_method(name: str, summary: str, family: Family, reference: str) -> M
         name, summary, None if elementwise else (lambda inputs: combine(inputs, family)), tuple(parameters),
         base=BASE_REQUIRED, min_models=1, random=family.pruning in ("random", "della"),
         check=_check_della if family.pruning == "della" else None, reference=reference,
-        elementwise=elementwise)
+        elementwise=elementwise, stored_inputs=elementwise is None)
 
 
 FAMILIES: dict[str, Family] = {}

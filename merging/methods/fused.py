@@ -1,0 +1,483 @@
+"""Fused CPU kernels for the task-vector family: TIES, DARE, breadcrumbs, DELLA.
+
+`task_arithmetic.combine` states the math with whole-tensor torch operations (the
+reference, used on other devices and when numba is missing). These kernels compute the
+same thing entry by entry in one pass: d_i = x_i - b read straight from the stored
+(bfloat16 or float32) sources, pruned, rescaled, weighted, the sign vote, the sum. Nothing
+the size of a tensor is allocated but the output, and each operation is the reference's,
+in its order and precision, so the outputs are bitwise equal (the L1 rescale's sums are
+float64 sums in another order; their float32 quotient almost always agrees).
+
+A model's pruning is data (`Rule`), found once and reused while its density stays:
+  window  (TIES, breadcrumbs): keep the entries ranked [start, stop) by |d| (see
+          sparsify.rank_window); a rank's edge is found from two 65,536-bin histograms
+          of |d|'s float32 bits (exact, O(N)), ties at an edge split by index;
+  hash    (DARE): keep entry j iff h(key, j) < density 2^32, h a counter-based hash
+          (sparsify.hash_draws), so a new density is one comparison per entry;
+  mask    (DELLA): an explicit keep mask (its per-row ranks need a sort).
+
+Kernels work on index ranges and release the GIL: a tensor is split across threads by
+fixed chunks, and sums are added chunk by chunk in order, so no result depends on the
+thread count.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+try:
+    from numba import njit, types
+    from numba.extending import intrinsic, overload
+except ImportError:  # the torch reference serves alone
+    njit = None
+
+CHUNK = 1 << 16  # entries per unit of work: the split between threads, and of the sums
+COMBINE_BLOCK = 4096  # entries per model the combine holds at once (in the L1/L2 cache)
+NO_EDGE, ALL_EDGE = -1, 1 << 32  # prefix edges that take no entry / every entry
+KEEP_ALL, WINDOW, HASH, MASK = 0, 1, 2, 3
+NO_RESCALE, MULTIPLY, DIVIDE = 0, 1, 2
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one model's task vector is pruned and rescaled, for one tensor.
+
+    edges = (start_edge, start_index, stop_edge, stop_index): entry j, with order key
+    K_j, is in the first R ranks iff K_j < edge or (K_j == edge and j < index); the rule
+    keeps prefix(stop) minus prefix(start). scale_mode MULTIPLY multiplies the kept
+    entries by `scale`, DIVIDE divides them by `density` (the reference's two rescales).
+    """
+
+    kind: int = KEEP_ALL
+    descending: bool = True
+    edges: tuple = (NO_EDGE, 0, ALL_EDGE, 0)
+    key: int = 0
+    threshold: int = 0
+    mask: Optional[np.ndarray] = None
+    scale_mode: int = NO_RESCALE
+    scale: float = 1.0
+    density: float = 1.0
+
+    @property
+    def nbytes(self) -> int:
+        return 128 + (self.mask.nbytes if self.mask is not None else 0)
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can take this tensor: numba present, on the CPU, not empty."""
+    return njit is not None and tensor.device.type == "cpu" and tensor.dim() > 0 and tensor.numel() > 0
+
+
+def source_array(tensor: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a stored tensor: float32, or bfloat16 bits as uint16 (the
+    kernels widen those as they read; other dtypes are widened here)."""
+    flat = tensor.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.float().numpy()
+
+
+# ---- threads ------------------------------------------------------------------------
+_POOL: Optional[ThreadPoolExecutor] = None  # shared by every session; created under the lock
+_POOL_LOCK = threading.Lock()
+
+
+def _ranges(count: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges on CHUNK boundaries, about one per thread (torch's count)."""
+    chunks = max(1, -(-count // CHUNK))
+    per = -(-chunks // max(1, torch.get_num_threads()))
+    return [(c * CHUNK, min(count, (c + per) * CHUNK)) for c in range(0, chunks, per)]
+
+
+def _map(function, ranges: list, *args) -> list:
+    """[function(*args, start, stop) for each range], the ranges on threads of their own."""
+    global _POOL
+    if len(ranges) == 1:
+        return [function(*args, *ranges[0])]
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < len(ranges):
+            _POOL = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="fused")
+        pool = _POOL
+    return list(pool.map(lambda bounds: function(*args, *bounds), ranges))
+
+
+def _run(function, count: int, *args) -> list:
+    return _map(function, _ranges(count), *args)
+
+
+# ---- rules --------------------------------------------------------------------------
+def window_rule(base, model, start: int, stop: int, descending: bool, histogram) -> tuple:
+    """Edges for ranks [start, stop) of |d| (descending or ascending, ties by index).
+
+    `histogram` gives the level-one counts of |d|'s bits >> 16 (65,536 bins; cached by
+    the caller: it depends on the tensors only)."""
+    count = len(base)
+    coarse = histogram()
+    if descending:  # key = 0x7FFFFFFF - bits: high bins 0x7FFF - h, low bins 0xFFFF - l
+        coarse = coarse[:0x8000][::-1]
+    return (*_prefix_edge(base, model, start, descending, coarse, count),
+            *_prefix_edge(base, model, stop, descending, coarse, count))
+
+
+def key_histogram(base, model) -> np.ndarray:
+    """Counts of |d|'s float32 bits >> 16 (65,536 bins, ascending |d|)."""
+    return np.sum(_run(_histogram_kernel, len(base), base, model), axis=0).astype(np.int32)
+
+
+def _prefix_edge(base, model, rank: int, descending: bool, coarse, count: int) -> tuple[int, int]:
+    """(edge, index) of prefix(rank): the first `rank` entries in the order.
+
+    The coarse histogram names the bin of the rank-th key. A small bin is gathered in one
+    pass (its entries in index order); counting their low 16 bits finds the key, and index
+    order which of its ties come first. A crowded bin (an unchanged tensor's zeros, the
+    many equal magnitudes of bfloat16 task vectors) is counted instead: its low bits in one
+    pass, the edge's ties per chunk in another, then one chunk scanned."""
+    if rank <= 0:
+        return NO_EDGE, 0
+    if rank >= count:
+        return ALL_EDGE, 0
+    cumulative = np.cumsum(coarse, dtype=np.int64)
+    high = int(np.searchsorted(cumulative, rank))  # first bin whose running count reaches rank
+    before = int(cumulative[high - 1]) if high else 0
+    stored_high = 0x7FFF - high if descending else high
+    crowded = coarse[high] > max(CHUNK, count // 16)
+    if crowded:
+        fine = np.sum(_run(_low_histogram_kernel, count, base, model, stored_high), axis=0)
+    else:
+        parts = _run(_gather_kernel, count, base, model, stored_high, int(coarse[high]))
+        indices = np.concatenate([p[0][:p[2]] for p in parts])
+        lows = np.concatenate([p[1][:p[2]] for p in parts])
+        fine = np.bincount(lows, minlength=1 << 16)
+    if descending:
+        fine = fine[::-1]
+    fine = np.cumsum(fine)
+    low = int(np.searchsorted(fine, rank - before))
+    before += int(fine[low - 1]) if low else 0
+    needed = rank - before  # the first `needed` ties of the edge, in index order, are in the prefix
+    stored_bits = (stored_high << 16) | (0xFFFF - low if descending else low)
+    if not crowded:
+        return (high << 16) | low, int(indices[lows == (stored_bits & 0xFFFF)][needed - 1]) + 1
+    per_chunk = np.concatenate(_run(_tie_counts_kernel, count, base, model, stored_bits))
+    chunk = int(np.searchsorted(np.cumsum(per_chunk), needed))
+    needed -= int(per_chunk[:chunk].sum())
+    first = chunk * CHUNK
+    return (high << 16) | low, int(_nth_tie_kernel(base, model, stored_bits, needed, first,
+                                                   min(count, first + CHUNK))) + 1
+
+
+def abs_sums(base, model, rule: Rule) -> tuple[float, float]:
+    """(sum |d|, sum |kept d|) in float64, added chunk by chunk in order."""
+    mask = rule.mask if rule.mask is not None else np.zeros(1, np.uint8)
+    parts = _run(_abs_sums_kernel, len(base), base, model, rule.kind, rule.descending,
+                 np.array(rule.edges, np.int64), np.uint64(rule.key), np.uint64(rule.threshold), mask)
+    partials = np.concatenate(parts).reshape(-1, 2)
+    return float(partials[:, 0].sum()), float(partials[:, 1].sum())
+
+
+# ---- the combine --------------------------------------------------------------------
+def combine(base, models: tuple, rules: list[Rule], weights: list[float], sign_vote: bool,
+            normalize: bool, lam: float) -> torch.Tensor:
+    """The family's result b + lambda * mixed (see task_arithmetic), as a flat float32 tensor."""
+    count = len(base)
+    out = torch.empty(count, dtype=torch.float32)
+    weight_array = np.array(weights, np.float32)
+    divisor = np.float32(0)
+    for weight in weight_array:  # the reference's float32 sum, in order
+        divisor = np.float32(divisor + weight)
+    if abs(divisor) < 1e-8:
+        divisor = np.float32(1)
+    masks = tuple(r.mask if r.mask is not None else np.zeros(1, np.uint8) for r in rules)
+    _run(_combine_kernel, count, base, models, masks,
+         np.array([r.kind for r in rules], np.int64), np.array([r.descending for r in rules], np.bool_),
+         np.array([r.edges for r in rules], np.int64).reshape(-1, 4),
+         np.array([r.key for r in rules], np.uint64), np.array([r.threshold for r in rules], np.uint64),
+         np.array([r.scale_mode for r in rules], np.int64), np.array([r.scale for r in rules], np.float32),
+         np.array([r.density for r in rules], np.float32), weight_array, sign_vote, normalize, divisor,
+         np.float32(lam), lam != 1, out.numpy())
+    return out
+
+
+if njit is not None:
+    @intrinsic
+    def _as_float(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _as_bits(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.uint32))
+        return types.uint32(types.float32), codegen
+
+    def _load(array, j):
+        """Entry j of a source as float32: bfloat16 bits (uint16 arrays) widened, else cast."""
+
+    @overload(_load, inline="always")
+    def _load_typed(array, j):  # chosen when compiling, by the array's type
+        if array.dtype == types.uint16:
+            return lambda array, j: _as_float(np.uint32(array[j]) << np.uint32(16))
+        return lambda array, j: np.float32(array[j])
+
+    @njit(inline="always", error_model="numpy")
+    def _order_key(d, descending):
+        """|d|'s float32 bits (ascending |d|), or their complement (descending |d|)."""
+        bits = _as_bits(np.float32(abs(d)))
+        return np.int64(np.uint32(0x7FFFFFFF) - bits) if descending else np.int64(bits)
+
+    @njit(inline="always", error_model="numpy")
+    def _draw(key, j):
+        """The top 32 bits of splitmix64's output for counter j of stream `key`."""
+        z = key + np.uint64(j + 1) * np.uint64(GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (z ^ (z >> np.uint64(31))) >> np.uint64(32)
+
+    @njit(inline="always", error_model="numpy")
+    def _kept(kind, d, j, descending, start_edge, start_index, stop_edge, stop_index, key, threshold, mask):
+        if kind == KEEP_ALL:
+            return True
+        if kind == WINDOW:
+            order = _order_key(d, descending)
+            in_stop = order < stop_edge or (order == stop_edge and j < stop_index)
+            in_start = order < start_edge or (order == start_edge and j < start_index)
+            return in_stop and not in_start
+        if kind == HASH:
+            return _draw(key, j) < threshold
+        return mask[j] != 0
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _histogram_kernel(base, model, start, stop):
+        counts = np.zeros(1 << 16, np.int64)
+        for j in range(start, stop):
+            counts[_order_key(_load(model, j) - _load(base, j), False) >> 16] += 1
+        return counts
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _gather_kernel(base, model, high, capacity, start, stop):
+        """(indices, low 16 bits, count) of the entries whose |d| bits >> 16 are `high`."""
+        indices = np.empty(capacity, np.int64)
+        lows = np.empty(capacity, np.int64)
+        found = 0
+        for j in range(start, stop):
+            bits = _order_key(_load(model, j) - _load(base, j), False)
+            if (bits >> 16) == high:
+                indices[found] = j
+                lows[found] = bits & 0xFFFF
+                found += 1
+        return indices, lows, found
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _low_histogram_kernel(base, model, high, start, stop):
+        counts = np.zeros(1 << 16, np.int64)
+        for j in range(start, stop):
+            bits = _order_key(_load(model, j) - _load(base, j), False)
+            if (bits >> 16) == high:
+                counts[bits & 0xFFFF] += 1
+        return counts
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _tie_counts_kernel(base, model, bits, start, stop):
+        """How many entries of each CHUNK in [start, stop) have |d|'s bits equal to `bits`."""
+        counts = np.zeros((stop - start + CHUNK - 1) // CHUNK, np.int64)
+        for j in range(start, stop):
+            if _order_key(_load(model, j) - _load(base, j), False) == bits:
+                counts[(j - start) // CHUNK] += 1
+        return counts
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _nth_tie_kernel(base, model, bits, n, start, stop):
+        """The index of the n-th entry (from 1) in [start, stop) whose |d|'s bits are `bits`."""
+        for j in range(start, stop):
+            if _order_key(_load(model, j) - _load(base, j), False) == bits:
+                n -= 1
+                if n == 0:
+                    return j
+        return -1
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _abs_sums_kernel(base, model, kind, descending, edges, key, threshold, mask, start, stop):
+        chunks = (stop - start + CHUNK - 1) // CHUNK
+        sums = np.zeros(2 * chunks, np.float64)
+        for c in range(chunks):
+            total = 0.0
+            kept = 0.0
+            for j in range(start + c * CHUNK, min(stop, start + (c + 1) * CHUNK)):
+                d = _load(model, j) - _load(base, j)
+                magnitude = abs(d)
+                total += magnitude
+                if _kept(kind, d, j, descending, edges[0], edges[1], edges[2], edges[3], key, threshold, mask):
+                    kept += magnitude
+            sums[2 * c] = total
+            sums[2 * c + 1] = kept
+        return sums
+
+    # Loops index sliced views from 0 (never `first + offset`): numba then knows the index
+    # is not negative, and the loops vectorize (2.4x faster, measured).
+    @njit(inline="always", error_model="numpy")
+    def _task_vector(base, model, mask, kind, ordered, start_edge, start_index, stop_edge, stop_index, key,
+                     threshold, first, row):
+        """row = d * keep for the entries first, first + 1, ... (base, model and mask are
+        that block's slices; one loop per kind, so each vectorizes)."""
+        if kind == KEEP_ALL:
+            for offset in range(len(row)):
+                row[offset] = _load(model, offset) - _load(base, offset)
+        elif kind == WINDOW:
+            for offset in range(len(row)):
+                d = _load(model, offset) - _load(base, offset)
+                j = first + offset
+                order = _order_key(d, ordered)  # no branches on data: kept or not is a coin toss
+                in_stop = (order < stop_edge) | ((order == stop_edge) & (j < stop_index))
+                in_start = (order < start_edge) | ((order == start_edge) & (j < start_index))
+                row[offset] = d * np.float32(in_stop & ~in_start)
+        elif kind == HASH:
+            for offset in range(len(row)):
+                d = _load(model, offset) - _load(base, offset)
+                row[offset] = d * np.float32(_draw(key, first + offset) < threshold)
+        else:
+            for offset in range(len(row)):
+                row[offset] = (_load(model, offset) - _load(base, offset)) * np.float32(mask[offset] != 0)
+
+    @njit(inline="always", error_model="numpy")
+    def _scale(row, scale_mode, scale, density, weight):
+        """The rescale, then the weight, in the reference's order."""
+        if scale_mode == MULTIPLY:
+            for offset in range(len(row)):
+                row[offset] = row[offset] * scale
+        elif scale_mode == DIVIDE:
+            for offset in range(len(row)):
+                row[offset] = row[offset] / density
+        for offset in range(len(row)):
+            row[offset] = row[offset] * weight
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _histogram_kernel(base, model, start, stop):
+        counts = np.zeros(1 << 16, np.int64)
+        base, model = base[start:stop], model[start:stop]
+        for j in range(len(base)):
+            counts[_order_key(_load(model, j) - _load(base, j), False) >> 16] += 1
+        return counts
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _gather_kernel(base, model, high, capacity, start, stop):
+        """(indices, low 16 bits, count) of the entries whose |d| bits >> 16 are `high`."""
+        indices = np.empty(capacity, np.int64)
+        lows = np.empty(capacity, np.int64)
+        found = 0
+        base, model = base[start:stop], model[start:stop]
+        for j in range(len(base)):
+            bits = _order_key(_load(model, j) - _load(base, j), False)
+            if (bits >> 16) == high:
+                indices[found] = start + j
+                lows[found] = bits & 0xFFFF
+                found += 1
+        return indices, lows, found
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _low_histogram_kernel(base, model, high, start, stop):
+        counts = np.zeros(1 << 16, np.int64)
+        base, model = base[start:stop], model[start:stop]
+        for j in range(len(base)):
+            bits = _order_key(_load(model, j) - _load(base, j), False)
+            if (bits >> 16) == high:
+                counts[bits & 0xFFFF] += 1
+        return counts
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _tie_counts_kernel(base, model, bits, start, stop):
+        """How many entries of each CHUNK in [start, stop) have |d|'s bits equal to `bits`."""
+        counts = np.zeros((stop - start + CHUNK - 1) // CHUNK, np.int64)
+        base, model = base[start:stop], model[start:stop]
+        for j in range(len(base)):
+            if _order_key(_load(model, j) - _load(base, j), False) == bits:
+                counts[j // CHUNK] += 1
+        return counts
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _nth_tie_kernel(base, model, bits, n, start, stop):
+        """The index of the n-th entry (from 1) in [start, stop) whose |d|'s bits are `bits`."""
+        base, model = base[start:stop], model[start:stop]
+        for j in range(len(base)):
+            if _order_key(_load(model, j) - _load(base, j), False) == bits:
+                n -= 1
+                if n == 0:
+                    return start + j
+        return -1
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _abs_sums_kernel(base, model, kind, descending, edges, key, threshold, mask, start, stop):
+        """Per CHUNK of [start, stop): (sum |d|, sum |kept d|) in float64."""
+        chunks = (stop - start + CHUNK - 1) // CHUNK
+        sums = np.zeros(2 * chunks, np.float64)
+        kept = np.empty(CHUNK, np.float32)
+        for c in range(chunks):
+            first = start + c * CHUNK
+            last = min(stop, first + CHUNK)
+            block_base, block_model = base[first:last], model[first:last]
+            row = kept[:last - first]
+            _task_vector(block_base, block_model, mask[first:last] if kind == MASK else mask, kind, descending,
+                         edges[0], edges[1], edges[2], edges[3], key, threshold, first, row)
+            total = 0.0
+            for j in range(len(row)):
+                total += abs(_load(block_model, j) - _load(block_base, j))
+            pruned = 0.0
+            for j in range(len(row)):
+                pruned += abs(row[j])
+            sums[2 * c] = total
+            sums[2 * c + 1] = pruned
+        return sums
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _combine_kernel(base, models, masks, kinds, descending, edges, keys, thresholds, scale_modes,
+                        scales, densities, weights, sign_vote, normalize, divisor, lam, apply_lambda, out,
+                        start, stop):
+        # Block by block: each model's weighted, pruned task vector into a small buffer, then
+        # the vote and the sum, adding the models in order for each entry as the reference does.
+        count = len(models)
+        weighted = np.empty((count, COMBINE_BLOCK), np.float32)
+        buffers = np.empty((3, COMBINE_BLOCK), np.float32)
+        for first in range(start, stop, COMBINE_BLOCK):
+            last = min(stop, first + COMBINE_BLOCK)
+            size = last - first
+            block_base = base[first:last]
+            for i in range(count):
+                mask = masks[i][first:last] if kinds[i] == MASK else masks[i]
+                row = weighted[i, :size]
+                _task_vector(block_base, models[i][first:last], mask, kinds[i], descending[i], edges[i, 0],
+                             edges[i, 1], edges[i, 2], edges[i, 3], keys[i], thresholds[i], first, row)
+                _scale(row, scale_modes[i], scales[i], densities[i], weights[i])
+            total, mixed, agreeing = buffers[0, :size], buffers[1, :size], buffers[2, :size]
+            total[:] = 0
+            for i in range(count):
+                row = weighted[i, :size]
+                for offset in range(size):
+                    total[offset] = total[offset] + row[offset]
+            if sign_vote:
+                mixed[:] = 0
+                agreeing[:] = 0
+                for i in range(count):
+                    row, weight = weighted[i, :size], weights[i]
+                    for offset in range(size):
+                        y = row[offset]
+                        positive = total[offset] >= 0
+                        agrees = np.float32(((y > 0) & positive) | ((y < 0) & ~positive))
+                        mixed[offset] = mixed[offset] + y * agrees
+                        agreeing[offset] = agreeing[offset] + weight * agrees
+                if normalize:
+                    for offset in range(size):
+                        share = agreeing[offset]
+                        mixed[offset] = mixed[offset] / (share if share != 0 else np.float32(1))
+            else:
+                for offset in range(size):
+                    mixed[offset] = total[offset] / divisor if normalize else total[offset]
+            block_out = out[first:last]
+            for offset in range(size):
+                value = mixed[offset] * lam if apply_lambda else mixed[offset]
+                block_out[offset] = _load(block_base, offset) + value

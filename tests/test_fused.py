@@ -1,0 +1,118 @@
+"""The fused CPU kernels against the whole-tensor torch reference: bitwise equal outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from merging.methods import fused, get_method, sparsify
+from merging.methods import task_arithmetic as family_math
+from merging.methods.registry import TensorInputs
+
+PRUNING_OR_VOTE = [name for name, family in family_math.FAMILIES.items()
+                   if family.pruning is not None or family.sign_vote]
+
+
+def inputs(method: str, models, base, model_params, params=None, seed=3) -> TensorInputs:
+    spec = get_method(method)
+    full = {p.name: p.default for p in spec.global_parameters}
+    full.update(params or {})
+    per_model = []
+    for values in model_params:
+        merged = {p.name: p.default for p in spec.model_parameters}
+        merged.update(values)
+        per_model.append(merged)
+    return TensorInputs(list(models), base, full, per_model, seed if spec.random else None, "test")
+
+
+def both(method, models, base, model_params, params=None):
+    given = inputs(method, models, base, model_params, params)
+    family = family_math.FAMILIES[method]
+    return family_math.combine_fused(given, family), family_math.combine_reference(given, family)
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    """A base and three children in float32 and bfloat16; the second child leaves 5,000 entries
+    unchanged (ties at zero magnitude)."""
+    generator = torch.Generator().manual_seed(0)
+    made = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.randn(300, 170, generator=generator).to(dtype)
+        children = [(base.float() + 0.1 * torch.randn(300, 170, generator=generator)).to(dtype) for _ in range(3)]
+        children[1].view(-1)[:5000] = base.view(-1)[:5000]
+        made[dtype] = base, children
+    return made
+
+
+def test_the_family_is_what_fused_covers():
+    assert set(PRUNING_OR_VOTE) == {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                                    "della", "della_linear"}
+    assert all(get_method(name).stored_inputs for name in PRUNING_OR_VOTE)
+
+
+@pytest.mark.parametrize("method", PRUNING_OR_VOTE)
+def test_fused_equals_the_reference_bitwise(method, tensors):
+    checked = 0
+    for dtype, (base, children) in tensors.items():
+        for count in (1, 2, 3):
+            model_params = [{"weight": 0.3 + 0.2 * i, "density": 0.4 + 0.1 * i} for i in range(count)]
+            if method.startswith("della"):
+                for values in model_params:
+                    values["epsilon"] = 0.1
+            for params in ({}, {"rescale": True, "rescale_mode": "inverse_density"},
+                           {"rescale": True, "rescale_mode": "l1", "lambda": 0.7, "normalize": True}):
+                fast, reference = both(method, children[:count], base, model_params, params)
+                assert fast.dtype == torch.float32 and fast.shape == base.shape
+                assert torch.equal(fast, reference), (dtype, count, params, int((fast != reference).sum()))
+                checked += 1
+    assert checked == 18
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 1.0])
+def test_edge_densities_match(density, tensors):
+    base, children = tensors[torch.bfloat16]
+    for method in ("ties", "breadcrumbs", "dare_linear"):
+        fast, reference = both(method, children[:2], base, [{"weight": 1.0, "density": density}] * 2)
+        assert torch.equal(fast, reference), method
+
+
+def test_crowded_cuts_split_ties_by_index_on_any_thread_count():
+    """2M entries, most of them tied at the cut (unchanged entries, equal bfloat16 steps): the
+    path that counts instead of gathering, on one and on two threads."""
+    generator = torch.Generator().manual_seed(1)
+    count = 2_000_000
+    base = torch.randn(count, generator=generator).bfloat16()
+    step = torch.randint(-2, 3, (count,), generator=generator).float() * 2.0 ** -6
+    child = (base.float() + step).bfloat16()
+    child[: count // 3] = base[: count // 3]  # a third unchanged: |d| = 0
+    other = (base.float() - step).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for thread_count in (1, 2):
+            torch.set_num_threads(thread_count)
+            for method, density in (("ties", 0.8), ("ties", 0.3), ("breadcrumbs", 0.5)):
+                fast, reference = both(method, [child, other], base,
+                                       [{"weight": 0.6, "density": density}, {"weight": 0.4, "density": 0.5}])
+                assert torch.equal(fast, reference), (method, density, thread_count)
+                results.append(fast)
+        assert all(torch.equal(a, b) for a, b in zip(results[:3], results[3:]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_kernels_draw_what_the_torch_hash_draws():
+    for key in (0, 12345, 2**63 + 7, 2**64 - 1):
+        expected = sparsify.hash_draws(5000, key).numpy().astype(np.uint64)
+        drawn = np.array([fused._draw(np.uint64(key), j) for j in range(5000)], np.uint64)
+        assert np.array_equal(drawn, expected)
+    draws = sparsify.hash_draws(200_000, 99).float() / 2**32
+    assert abs(float(draws.mean()) - 0.5) < 0.005 and float(draws.min()) >= 0 and float(draws.max()) < 1
+
+
+def test_the_reference_serves_when_the_kernels_cannot(tensors):
+    base, children = tensors[torch.float32]
+    assert fused.available(base) and not fused.available(base.to("meta"))
+    assert not fused.available(torch.zeros(0))
