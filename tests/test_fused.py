@@ -116,3 +116,19 @@ def test_the_reference_serves_when_the_kernels_cannot(tensors):
     base, children = tensors[torch.float32]
     assert fused.available(base) and not fused.available(base.to("meta"))
     assert not fused.available(torch.zeros(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_weighted_sum_is_torchs_bitwise_fused_multiply_adds_included(dtype):
+    """linear's and slerp's sum: x_0 c_0, then each further term by a fused multiply-add, as
+    torch's add_(x, alpha=c) computes it (vector and tail paths: odd sizes)."""
+    generator = torch.Generator().manual_seed(2)
+    for count in (7, 1000, 300_001):
+        tensors = [torch.randn(count, generator=generator).to(dtype) for _ in range(3)]
+        for models in (1, 2, 3):
+            coefficients = [0.3141592, 0.7182818, -0.41][:models]
+            fast = fused.weighted_sum(tensors[:models], coefficients, torch.empty(count))
+            reference = torch.empty(count).copy_(tensors[0]).mul_(coefficients[0])
+            for tensor, coefficient in zip(tensors[1:models], coefficients[1:]):
+                reference.add_(tensor, alpha=coefficient)
+            assert torch.equal(fast, reference), (count, models)

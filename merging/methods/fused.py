@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 try:
+    from llvmlite import ir
     from numba import njit, types
     from numba.extending import intrinsic, overload
 except ImportError:  # the torch reference serves alone
@@ -204,7 +205,29 @@ def combine(base, models: tuple, rules: list[Rule], weights: list[float], sign_v
     return out
 
 
+def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
+    """out = sum_i c_i x_i as interpolation.weighted_sum computes it (x_0 c_0, then each
+    further term added by a fused multiply-add, as torch's add_(x, alpha=c) does), in one
+    pass over the stored inputs."""
+    arrays = [source_array(t) for t in tensors]
+    if len({a.dtype for a in arrays}) > 1:
+        arrays = [source_array(t.float()) for t in tensors]
+    _run(_weighted_sum_kernel, out.numel(), tuple(arrays), np.array(coefficients, np.float32),
+         out.view(-1).numpy())
+    return out
+
+
 if njit is not None:
+    @intrinsic
+    def _fma(typingctx, a, b, c):
+        """a * b + c rounded once (llvm.fma.f32)."""
+        def codegen(context, builder, signature, args):
+            single = ir.FloatType()
+            function = builder.module.declare_intrinsic("llvm.fma", [single],
+                                                        ir.FunctionType(single, [single] * 3))
+            return builder.call(function, args)
+        return types.float32(types.float32, types.float32, types.float32), codegen
+
     @intrinsic
     def _as_float(typingctx, value):
         def codegen(context, builder, signature, args):
@@ -481,3 +504,14 @@ if njit is not None:
             for offset in range(size):
                 value = mixed[offset] * lam if apply_lambda else mixed[offset]
                 block_out[offset] = _load(block_base, offset) + value
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _weighted_sum_kernel(sources, coefficients, out, start, stop):
+        block_out = out[start:stop]
+        first = sources[0][start:stop]
+        for j in range(len(block_out)):
+            block_out[j] = _load(first, j) * coefficients[0]
+        for i in range(1, len(sources)):
+            source, coefficient = sources[i][start:stop], coefficients[i]
+            for j in range(len(block_out)):
+                block_out[j] = _fma(_load(source, j), coefficient, block_out[j])

@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..errors import MergeError
+from . import fused
 from .registry import (
     BASE_IGNORED,
     BASE_OPTIONAL,
@@ -36,7 +37,10 @@ def linear_coefficients(sums, inputs: TensorInputs) -> list[float]:
 
 def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
     """sum_i c_i x_i, written into the float32 `out` by in-place operations, so the
-    arithmetic is float32 even when the x_i come in their (lower) storage dtype."""
+    arithmetic is float32 even when the x_i come in their (lower) storage dtype. On the
+    CPU one fused pass (methods.fused) computes the same, bitwise."""
+    if fused.available(out) and out.is_contiguous() and all(t.device.type == "cpu" for t in tensors):
+        return fused.weighted_sum(tensors, coefficients, out)
     out.copy_(tensors[0]).mul_(coefficients[0])
     for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
         out.add_(tensor, alpha=coefficient)

@@ -151,6 +151,7 @@ class Checkpoint:
         self._maps: dict[Path, mmap.mmap] = {}
         self._files: dict[Path, object] = {}
         self.warnings: list[str] = []  # what a merge of this model should say (quantization, ...)
+        self.memo: dict = {}  # what is learned once from this model's files (its tokenizer's digest)
 
     # ---- reading ------------------------------------------------------------------
     @property
