@@ -7,12 +7,12 @@ gradient SLERP written out as one t per layer (30 values each for self_attn, mlp
 rest), then times, as medians over `--runs`:
 - a full update: every layer's t changes, so every tensor is recomputed;
 - a one-layer update: one layer's three values change (its 9 tensors);
-- for TIES with two children: an update after a weight change (pruned task vectors come
-  from the cache) and after a density change (pruning again);
 beside the memory-bandwidth floor for the bytes those updates must touch (inputs read
 once, outputs written once; the bandwidth measured here by copying a 512 MiB tensor), and
 beside what the same change costs with mergekit: `mergekit-yaml` plus loading its output
-with transformers. Also reports the session's resident memory. Prints Markdown.
+with transformers. Also reports the session's resident memory, and both updates again with
+1 and 2 threads, with and without another process keeping a core busy. Prints Markdown.
+(TIES and the other sparse methods: bench_sparse.py.)
 """
 
 from __future__ import annotations
@@ -105,33 +105,9 @@ def mergekit_and_load(config: Path, work: Path) -> float:
     return seconds
 
 
-def ties_updates(base: Path, child: Path, cache: Path, runs: int) -> dict:
-    """TIES with two children: a weight change reuses the cached pruned task vectors; a
-    density change has to prune again."""
-    import smollm2
-    child2 = smollm2.build_child(base, cache, seed=2)
-
-    def text(weight, density):
-        return (f"models:\n  - model: {child}\n    parameters: {{weight: {weight}, density: {density}}}\n"
-                f"  - model: {child2}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
-                f"merge_method: ties\nbase_model: {base}\ndtype: bfloat16\n")
-
-    started = time.perf_counter()
-    live = LiveMerge(text(0.5, 0.5), device="cpu", cache_budget_bytes=4 << 30)
-    build = time.perf_counter() - started
-    weight = median_seconds(lambda run: live.update(text(0.3 + 0.05 * (run % 7), 0.5)), runs)
-    density = median_seconds(lambda run: live.update(text(0.5, 0.3 + 0.05 * (run % 7))), max(3, runs // 3))
-    return {"build": build, "weight": weight, "density": density, "cache": live.cache_bytes}
-
-
-def print_ties(rows: dict) -> None:
-    print("| TIES, two children | seconds |")
-    print("|---|---|")
-    print(f"| first build | {rows['build']:.2f} |")
-    print(f"| update after a weight change (pruned task vectors from the cache) | {rows['weight']:.2f} |")
-    print(f"| update after a density change (pruning again) | {rows['density']:.2f} |")
-    print(f"| cache held | {rows['cache'] / 2**20:.0f} MiB |")
-    print()
+def busy_core():
+    """Another process keeping one core busy (a shared machine, a Space's neighbours)."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def main() -> None:
@@ -215,8 +191,21 @@ def main() -> None:
     print(f"| RSS after the updates: anonymous / file-backed | {after['RssAnon'] / mib:.0f} / "
           f"{after['RssFile'] / mib:.0f} |")
     print()
-    live = None  # freed: TIES is measured last, so its caches do not weigh on the numbers above
-    print_ties(ties_updates(base, child, args.cache, max(3, args.runs // 2)))
+    print()
+    print("| threads | another process busy | every layer's t | one layer's t |")
+    print("|---|---|---|---|")
+    threads = torch.get_num_threads()
+    for count, busy in ((1, False), (2, False), (1, True), (2, True)):
+        torch.set_num_threads(count)
+        neighbour = busy_core() if busy else None
+        try:
+            time.sleep(0.5 if busy else 0)
+            seconds = median_seconds(full, args.runs), median_seconds(one_layer, args.runs)
+        finally:
+            if neighbour is not None:
+                neighbour.kill()
+        print(f"| {count} | {'yes' if busy else 'no'} | {seconds[0] * 1000:.0f} ms | {seconds[1] * 1000:.1f} ms |")
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Side by side: our CLI and mergekit-yaml on the same config, whole processes.
 
     python benchmarks/bench_merge.py [--runs 5] [--cache DIR] [--config gradient_slerp]
+                                     [--model smollm2|llama1b]
 
-Builds the SmolLM2-135M pair (base and a low-rank child; see smollm2.py), then runs
+Builds the SmolLM2-135M pair (base and a low-rank child; see smollm2.py), or a random
+1.24B Llama-3.2-1B-shaped base and children (llama1b.py), then runs
 `python -m merging` and `mergekit-yaml` alternately, `--runs` times each after one
 warm-up each, measuring wall time and peak resident memory (the child's max RSS from
 wait4). Prints a Markdown table of medians and ratios, and checks the outputs are
@@ -31,9 +33,9 @@ CONFIGS = {
 slices:
   - sources:
       - model: {base}
-        layer_range: [0, 30]
+        layer_range: [0, {layers}]
       - model: {child}
-        layer_range: [0, 30]
+        layer_range: [0, {layers}]
 merge_method: slerp
 base_model: {base}
 parameters:
@@ -131,14 +133,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mergelab" / "bench")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="gradient_slerp")
+    parser.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2",
+                        help="SmolLM2-135M with rank-8 children, or random Llama-3.2-1B-shaped "
+                             "checkpoints (1.24B parameters; llama1b.py)")
     args = parser.parse_args()
 
-    built = subprocess.run([sys.executable, str(Path(__file__).parent / "smollm2.py"), str(args.cache)],
+    built = subprocess.run([sys.executable, str(Path(__file__).parent / f"{args.model}.py"), str(args.cache)],
                            check=True, capture_output=True, text=True)
     base, child, child2 = built.stdout.split()
+    layers = 16 if args.model == "llama1b" else 30
     work = Path(tempfile.mkdtemp(prefix="mergelab-bench-"))
     config = work / "config.yml"
-    config.write_text(CONFIGS[args.config].format(base=base, child=child, child2=child2))
+    config.write_text(CONFIGS[args.config].format(base=base, child=child, child2=child2, layers=layers))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     commands = {
         "mergelab": lambda out: [sys.executable, "-m", "merging", str(config), str(out)],
@@ -150,7 +156,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from importlib.metadata import version
-    print(f"config: {args.config} on SmolLM2-135M (base + rank-8 children), {args.runs} runs each, "
+    described = {"smollm2": "SmolLM2-135M (base + rank-8 children)",
+                 "llama1b": "random Llama-3.2-1B-shaped checkpoints (1.24B parameters, bfloat16)"}[args.model]
+    print(f"config: {args.config} on {described}, {args.runs} runs each, "
           f"{os.cpu_count()} CPU cores, torch {version('torch')}, mergekit {version('mergekit')}")
     print()
     print(ratio_table(results, "`mergekit-yaml`"))

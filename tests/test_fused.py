@@ -132,3 +132,19 @@ def test_the_weighted_sum_is_torchs_bitwise_fused_multiply_adds_included(dtype):
             for tensor, coefficient in zip(tensors[1:models], coefficients[1:]):
                 reference.add_(tensor, alpha=coefficient)
             assert torch.equal(fast, reference), (count, models)
+
+
+def test_della_ranks_rows_of_any_shape_like_the_reference():
+    """Vectors, matrices (ranked by the kernels' radix sort) and 3-D expert stacks (ranked
+    along dimension 1, as the reference does), with tied magnitudes, on two threads."""
+    generator = torch.Generator().manual_seed(3)
+    for shape in ((5000,), (700, 300), (4, 64, 48)):
+        base = torch.randn(shape, generator=generator).bfloat16()
+        child = (base.float() + torch.randint(-2, 3, shape, generator=generator).float() * 2.0 ** -5).bfloat16()
+        for method in ("della", "della_linear"):
+            fast, reference = both(method, [child, base], base,
+                                   [{"weight": 0.7, "density": 0.5, "epsilon": 0.2},
+                                    {"weight": 0.3, "density": 0.3, "epsilon": 0.1}])
+            assert torch.equal(fast, reference), (shape, method)
+    ranks = sparsify.della_ranks(torch.tensor([[3.0, -1.0, 1.0, 0.0]]))
+    assert ranks.tolist() == [[3.0, 1.0, 2.0, 0.0]]  # |-1| = |1|: the lower index ranks first

@@ -10,11 +10,14 @@ float64 sums in another order; their float32 quotient almost always agrees).
 
 A model's pruning is data (`Rule`), found once and reused while its density stays:
   window  (TIES, breadcrumbs): keep the entries ranked [start, stop) by |d| (see
-          sparsify.rank_window); a rank's edge is found from two 65,536-bin histograms
-          of |d|'s float32 bits (exact, O(N)), ties at an edge split by index;
+          sparsify.rank_window); a rank's edge is found exactly in O(N): a 65,536-bin
+          histogram of |d|'s float32 bits names its bin (cached: a new density reuses it),
+          one pass over that bin finds the value, ties at the edge are split by index;
   hash    (DARE): keep entry j iff h(key, j) < density 2^32, h a counter-based hash
           (sparsify.hash_draws), so a new density is one comparison per entry;
-  mask    (DELLA): an explicit keep mask (its per-row ranks need a sort).
+  ranked  (DELLA): keep entry j iff h(key, j) < p_j 2^32, p_j from its rank by |d| in its
+          row; the ranks (a stable radix sort per row) are cached, so a new density or
+          epsilon sorts nothing.
 
 Kernels work on index ranges and release the GIL: a tensor is split across threads by
 fixed chunks, and sums are added chunk by chunk in order, so no result depends on the
@@ -41,7 +44,7 @@ except ImportError:  # the torch reference serves alone
 CHUNK = 1 << 16  # entries per unit of work: the split between threads, and of the sums
 COMBINE_BLOCK = 4096  # entries per model the combine holds at once (in the L1/L2 cache)
 NO_EDGE, ALL_EDGE = -1, 1 << 32  # prefix edges that take no entry / every entry
-KEEP_ALL, WINDOW, HASH, MASK = 0, 1, 2, 3
+KEEP_ALL, WINDOW, HASH, RANKED = 0, 1, 2, 3
 NO_RESCALE, MULTIPLY, DIVIDE = 0, 1, 2
 GOLDEN = 0x9E3779B97F4A7C15
 
@@ -50,9 +53,11 @@ GOLDEN = 0x9E3779B97F4A7C15
 class Rule:
     """How one model's task vector is pruned and rescaled, for one tensor.
 
-    edges = (start_edge, start_index, stop_edge, stop_index): entry j, with order key
-    K_j, is in the first R ranks iff K_j < edge or (K_j == edge and j < index); the rule
-    keeps prefix(stop) minus prefix(start). scale_mode MULTIPLY multiplies the kept
+    WINDOW: edges = (start_edge, start_index, stop_edge, stop_index); entry j, with order
+    key K_j, is in the first R ranks iff K_j < edge or (K_j == edge and j < index); the
+    rule keeps prefix(stop) minus prefix(start). HASH: keep iff h(key, j) < threshold.
+    RANKED: keep iff h(key, j) < (low + ranks[j] / (width - 1) * spread) 2^32, computed
+    in float32 as sparsify.della_keep does. scale_mode MULTIPLY multiplies the kept
     entries by `scale`, DIVIDE divides them by `density` (the reference's two rescales).
     """
 
@@ -61,14 +66,17 @@ class Rule:
     edges: tuple = (NO_EDGE, 0, ALL_EDGE, 0)
     key: int = 0
     threshold: int = 0
-    mask: Optional[np.ndarray] = None
+    ranks: Optional[np.ndarray] = None
+    width: int = 1
+    low: float = 0.0
+    spread: float = 0.0
     scale_mode: int = NO_RESCALE
     scale: float = 1.0
     density: float = 1.0
 
     @property
     def nbytes(self) -> int:
-        return 128 + (self.mask.nbytes if self.mask is not None else 0)
+        return 128  # the ranks it points to are cached on their own
 
 
 def available(tensor: torch.Tensor) -> bool:
@@ -86,26 +94,29 @@ def source_array(tensor: torch.Tensor) -> np.ndarray:
 
 
 # ---- threads ------------------------------------------------------------------------
-_POOL: Optional[ThreadPoolExecutor] = None  # shared by every session; created under the lock
+# One pool of worker threads per thread count asked for, shared by every session (a
+# process sets its count once; a pool's idle threads wait, they do not spin).
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
 def _ranges(count: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges on CHUNK boundaries, about one per thread (torch's count)."""
+    """[start, stop) ranges on CHUNK boundaries, up to four per thread (torch's count): a
+    thread whose core is shared with another process takes fewer of them."""
     chunks = max(1, -(-count // CHUNK))
-    per = -(-chunks // max(1, torch.get_num_threads()))
+    per = -(-chunks // (4 * max(1, torch.get_num_threads())))
     return [(c * CHUNK, min(count, (c + per) * CHUNK)) for c in range(0, chunks, per)]
 
 
 def _map(function, ranges: list, *args) -> list:
-    """[function(*args, start, stop) for each range], the ranges on threads of their own."""
-    global _POOL
-    if len(ranges) == 1:
-        return [function(*args, *ranges[0])]
+    """[function(*args, start, stop) for each range], spread over torch's thread count."""
+    threads = max(1, torch.get_num_threads())
+    if len(ranges) == 1 or threads == 1:
+        return [function(*args, *bounds) for bounds in ranges]
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < len(ranges):
-            _POOL = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="fused")
-        pool = _POOL
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fused")
     return list(pool.map(lambda bounds: function(*args, *bounds), ranges))
 
 
@@ -175,11 +186,34 @@ def _prefix_edge(base, model, rank: int, descending: bool, coarse, count: int) -
 
 def abs_sums(base, model, rule: Rule) -> tuple[float, float]:
     """(sum |d|, sum |kept d|) in float64, added chunk by chunk in order."""
-    mask = rule.mask if rule.mask is not None else np.zeros(1, np.uint8)
-    parts = _run(_abs_sums_kernel, len(base), base, model, rule.kind, rule.descending,
-                 np.array(rule.edges, np.int64), np.uint64(rule.key), np.uint64(rule.threshold), mask)
+    rules = _rule_arrays([rule])
+    parts = _run(_abs_sums_kernel, len(base), base, model, rules[0][0], *(column[0] for column in rules[1:]))
     partials = np.concatenate(parts).reshape(-1, 2)
     return float(partials[:, 0].sum()), float(partials[:, 1].sum())
+
+
+def row_ranks(base, model, width: int) -> np.ndarray:
+    """Each entry's rank by |d| within its row of `width` (ascending, ties in index order):
+    int16 where a row is short enough, else int32."""
+    rows = len(base) // width
+    ranks = np.empty(len(base), np.int16 if width <= 1 << 15 else np.int32)
+    per = max(1, -(-rows // (4 * max(1, torch.get_num_threads()))))
+    _map(_row_ranks_kernel, [(r, min(rows, r + per)) for r in range(0, rows, per)], base, model, width, ranks)
+    return ranks
+
+
+def _rule_arrays(rules: list[Rule]) -> tuple:
+    """The rules as the kernels take them: a tuple of rank arrays, then one array per field."""
+    real = [r.ranks for r in rules if r.ranks is not None]
+    placeholder = np.zeros(1, real[0].dtype if real else np.int16)
+    return (tuple(r.ranks if r.ranks is not None else placeholder for r in rules),
+            np.array([r.kind for r in rules], np.int64), np.array([r.descending for r in rules], np.bool_),
+            np.array([r.edges for r in rules], np.int64).reshape(-1, 4),
+            np.array([r.key for r in rules], np.uint64), np.array([r.threshold for r in rules], np.uint64),
+            np.array([r.width for r in rules], np.int64), np.array([r.low for r in rules], np.float32),
+            np.array([r.spread for r in rules], np.float32),
+            np.array([r.scale_mode for r in rules], np.int64), np.array([r.scale for r in rules], np.float32),
+            np.array([r.density for r in rules], np.float32))
 
 
 # ---- the combine --------------------------------------------------------------------
@@ -194,14 +228,8 @@ def combine(base, models: tuple, rules: list[Rule], weights: list[float], sign_v
         divisor = np.float32(divisor + weight)
     if abs(divisor) < 1e-8:
         divisor = np.float32(1)
-    masks = tuple(r.mask if r.mask is not None else np.zeros(1, np.uint8) for r in rules)
-    _run(_combine_kernel, count, base, models, masks,
-         np.array([r.kind for r in rules], np.int64), np.array([r.descending for r in rules], np.bool_),
-         np.array([r.edges for r in rules], np.int64).reshape(-1, 4),
-         np.array([r.key for r in rules], np.uint64), np.array([r.threshold for r in rules], np.uint64),
-         np.array([r.scale_mode for r in rules], np.int64), np.array([r.scale for r in rules], np.float32),
-         np.array([r.density for r in rules], np.float32), weight_array, sign_vote, normalize, divisor,
-         np.float32(lam), lam != 1, out.numpy())
+    _run(_combine_kernel, count, base, models, *_rule_arrays(rules), weight_array, sign_vote, normalize,
+         divisor, np.float32(lam), lam != 1, out.numpy())
     return out
 
 
@@ -263,96 +291,17 @@ if njit is not None:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return (z ^ (z >> np.uint64(31))) >> np.uint64(32)
 
-    @njit(inline="always", error_model="numpy")
-    def _kept(kind, d, j, descending, start_edge, start_index, stop_edge, stop_index, key, threshold, mask):
-        if kind == KEEP_ALL:
-            return True
-        if kind == WINDOW:
-            order = _order_key(d, descending)
-            in_stop = order < stop_edge or (order == stop_edge and j < stop_index)
-            in_start = order < start_edge or (order == start_edge and j < start_index)
-            return in_stop and not in_start
-        if kind == HASH:
-            return _draw(key, j) < threshold
-        return mask[j] != 0
-
-    @njit(nogil=True, cache=True, error_model="numpy")
-    def _histogram_kernel(base, model, start, stop):
-        counts = np.zeros(1 << 16, np.int64)
-        for j in range(start, stop):
-            counts[_order_key(_load(model, j) - _load(base, j), False) >> 16] += 1
-        return counts
-
-    @njit(nogil=True, cache=True, error_model="numpy")
-    def _gather_kernel(base, model, high, capacity, start, stop):
-        """(indices, low 16 bits, count) of the entries whose |d| bits >> 16 are `high`."""
-        indices = np.empty(capacity, np.int64)
-        lows = np.empty(capacity, np.int64)
-        found = 0
-        for j in range(start, stop):
-            bits = _order_key(_load(model, j) - _load(base, j), False)
-            if (bits >> 16) == high:
-                indices[found] = j
-                lows[found] = bits & 0xFFFF
-                found += 1
-        return indices, lows, found
-
-    @njit(nogil=True, cache=True, error_model="numpy")
-    def _low_histogram_kernel(base, model, high, start, stop):
-        counts = np.zeros(1 << 16, np.int64)
-        for j in range(start, stop):
-            bits = _order_key(_load(model, j) - _load(base, j), False)
-            if (bits >> 16) == high:
-                counts[bits & 0xFFFF] += 1
-        return counts
-
-    @njit(nogil=True, cache=True, error_model="numpy")
-    def _tie_counts_kernel(base, model, bits, start, stop):
-        """How many entries of each CHUNK in [start, stop) have |d|'s bits equal to `bits`."""
-        counts = np.zeros((stop - start + CHUNK - 1) // CHUNK, np.int64)
-        for j in range(start, stop):
-            if _order_key(_load(model, j) - _load(base, j), False) == bits:
-                counts[(j - start) // CHUNK] += 1
-        return counts
-
-    @njit(nogil=True, cache=True, error_model="numpy")
-    def _nth_tie_kernel(base, model, bits, n, start, stop):
-        """The index of the n-th entry (from 1) in [start, stop) whose |d|'s bits are `bits`."""
-        for j in range(start, stop):
-            if _order_key(_load(model, j) - _load(base, j), False) == bits:
-                n -= 1
-                if n == 0:
-                    return j
-        return -1
-
-    @njit(nogil=True, cache=True, error_model="numpy")
-    def _abs_sums_kernel(base, model, kind, descending, edges, key, threshold, mask, start, stop):
-        chunks = (stop - start + CHUNK - 1) // CHUNK
-        sums = np.zeros(2 * chunks, np.float64)
-        for c in range(chunks):
-            total = 0.0
-            kept = 0.0
-            for j in range(start + c * CHUNK, min(stop, start + (c + 1) * CHUNK)):
-                d = _load(model, j) - _load(base, j)
-                magnitude = abs(d)
-                total += magnitude
-                if _kept(kind, d, j, descending, edges[0], edges[1], edges[2], edges[3], key, threshold, mask):
-                    kept += magnitude
-            sums[2 * c] = total
-            sums[2 * c + 1] = kept
-        return sums
-
     # Loops index sliced views from 0 (never `first + offset`): numba then knows the index
     # is not negative, and the loops vectorize (2.4x faster, measured).
     @njit(inline="always", error_model="numpy")
-    def _task_vector(base, model, mask, kind, ordered, start_edge, start_index, stop_edge, stop_index, key,
-                     threshold, first, row):
-        """row = d * keep for the entries first, first + 1, ... (base, model and mask are
+    def _task_vector(base, model, ranks, kind, ordered, edges, key, threshold, width, low, spread, first, row):
+        """row = d * keep for the entries first, first + 1, ... (base, model and ranks are
         that block's slices; one loop per kind, so each vectorizes)."""
         if kind == KEEP_ALL:
             for offset in range(len(row)):
                 row[offset] = _load(model, offset) - _load(base, offset)
         elif kind == WINDOW:
+            start_edge, start_index, stop_edge, stop_index = edges[0], edges[1], edges[2], edges[3]
             for offset in range(len(row)):
                 d = _load(model, offset) - _load(base, offset)
                 j = first + offset
@@ -364,9 +313,14 @@ if njit is not None:
             for offset in range(len(row)):
                 d = _load(model, offset) - _load(base, offset)
                 row[offset] = d * np.float32(_draw(key, first + offset) < threshold)
-        else:
+        else:  # RANKED: sparsify.della_keep's probabilities, in its float32 operations
+            last = np.float32(width - 1)
             for offset in range(len(row)):
-                row[offset] = (_load(model, offset) - _load(base, offset)) * np.float32(mask[offset] != 0)
+                d = _load(model, offset) - _load(base, offset)
+                unit = np.float32(ranks[offset]) / last if width > 1 else np.float32(0)
+                probability = low + unit * spread
+                keep = np.float64(_draw(key, first + offset)) < np.float64(probability) * 4294967296.0
+                row[offset] = d * np.float32(keep)
 
     @njit(inline="always", error_model="numpy")
     def _scale(row, scale_mode, scale, density, weight):
@@ -435,7 +389,39 @@ if njit is not None:
         return -1
 
     @njit(nogil=True, cache=True, error_model="numpy")
-    def _abs_sums_kernel(base, model, kind, descending, edges, key, threshold, mask, start, stop):
+    def _row_ranks_kernel(base, model, width, ranks, first_row, last_row):
+        """ranks of rows [first_row, last_row): an LSD radix sort of |d|'s bits, 8 bits a
+        pass (stable, so equal magnitudes keep index order); a pass whose digit is the same
+        for the whole row is skipped."""
+        keys = np.empty(width, np.uint32)
+        order = np.empty(width, np.int64)
+        spare = np.empty(width, np.int64)
+        counts = np.empty(257, np.int64)
+        for row in range(first_row, last_row):
+            row_base, row_model = base[row * width:(row + 1) * width], model[row * width:(row + 1) * width]
+            for c in range(width):
+                keys[c] = _as_bits(np.float32(abs(_load(row_model, c) - _load(row_base, c))))
+                order[c] = c
+            for shift in (0, 8, 16, 24):
+                counts[:] = 0
+                for c in range(width):
+                    counts[((keys[c] >> np.uint32(shift)) & np.uint32(0xFF)) + 1] += 1
+                if counts.max() == width:
+                    continue
+                for digit in range(1, 257):
+                    counts[digit] += counts[digit - 1]
+                for c in range(width):
+                    digit = (keys[order[c]] >> np.uint32(shift)) & np.uint32(0xFF)
+                    spare[counts[digit]] = order[c]
+                    counts[digit] += 1
+                order, spare = spare, order
+            row_ranks = ranks[row * width:(row + 1) * width]
+            for position in range(width):
+                row_ranks[order[position]] = position
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _abs_sums_kernel(base, model, ranks, kind, descending, edges, key, threshold, width, low, spread,
+                         scale_mode, scale, density, start, stop):
         """Per CHUNK of [start, stop): (sum |d|, sum |kept d|) in float64."""
         chunks = (stop - start + CHUNK - 1) // CHUNK
         sums = np.zeros(2 * chunks, np.float64)
@@ -445,8 +431,8 @@ if njit is not None:
             last = min(stop, first + CHUNK)
             block_base, block_model = base[first:last], model[first:last]
             row = kept[:last - first]
-            _task_vector(block_base, block_model, mask[first:last] if kind == MASK else mask, kind, descending,
-                         edges[0], edges[1], edges[2], edges[3], key, threshold, first, row)
+            _task_vector(block_base, block_model, ranks[first:last] if kind == RANKED else ranks, kind,
+                         descending, edges, key, threshold, width, low, spread, first, row)
             total = 0.0
             for j in range(len(row)):
                 total += abs(_load(block_model, j) - _load(block_base, j))
@@ -458,9 +444,9 @@ if njit is not None:
         return sums
 
     @njit(nogil=True, cache=True, error_model="numpy")
-    def _combine_kernel(base, models, masks, kinds, descending, edges, keys, thresholds, scale_modes,
-                        scales, densities, weights, sign_vote, normalize, divisor, lam, apply_lambda, out,
-                        start, stop):
+    def _combine_kernel(base, models, ranks, kinds, descending, edges, keys, thresholds, widths, lows, spreads,
+                        scale_modes, scales, densities, weights, sign_vote, normalize, divisor, lam, apply_lambda,
+                        out, start, stop):
         # Block by block: each model's weighted, pruned task vector into a small buffer, then
         # the vote and the sum, adding the models in order for each entry as the reference does.
         count = len(models)
@@ -471,10 +457,10 @@ if njit is not None:
             size = last - first
             block_base = base[first:last]
             for i in range(count):
-                mask = masks[i][first:last] if kinds[i] == MASK else masks[i]
                 row = weighted[i, :size]
-                _task_vector(block_base, models[i][first:last], mask, kinds[i], descending[i], edges[i, 0],
-                             edges[i, 1], edges[i, 2], edges[i, 3], keys[i], thresholds[i], first, row)
+                _task_vector(block_base, models[i][first:last], ranks[i][first:last] if kinds[i] == RANKED
+                             else ranks[i], kinds[i], descending[i], edges[i], keys[i], thresholds[i], widths[i],
+                             lows[i], spreads[i], first, row)
                 _scale(row, scale_modes[i], scales[i], densities[i], weights[i])
             total, mixed, agreeing = buffers[0, :size], buffers[1, :size], buffers[2, :size]
             total[:] = 0

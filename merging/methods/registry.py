@@ -94,7 +94,7 @@ class TensorInputs:
 
     `models` are the non-base inputs in config order (float32, same shape); `base` is
     the base model's tensor or None; `model_params[i]` holds the per-model parameters
-    of models[i]; `params` the global ones. `seed` seeds random methods (see generator()).
+    of models[i]; `params` the global ones. `seed` seeds random methods (see stream_key()).
     """
 
     models: list[torch.Tensor]
@@ -109,17 +109,10 @@ class TensorInputs:
     def per_model(self, key: str) -> list:
         return [p[key] for p in self.model_params]
 
-    def generator(self, index: int) -> Optional[torch.Generator]:
-        """Random numbers for models[index] alone: what one model draws does not depend on
-        the others, so a cached pruned task vector stays valid when another model changes."""
-        if self.seed is None:
-            return None
-        generator = torch.Generator(device=self.models[index].device)
-        generator.manual_seed((self.seed + 0x9E3779B97F4A7C15 * (index + 1)) % 2**63)
-        return generator
-
     def stream_key(self, index: int) -> int:
-        """The key of models[index]'s counter-based random stream (sparsify.hash_draws)."""
+        """The key of models[index]'s counter-based random stream (sparsify.hash_draws): what
+        one model draws does not depend on the others, so a cached pruning rule stays valid
+        when another model changes."""
         return ((self.seed or 0) + 0x9E3779B97F4A7C15 * (index + 1)) % 2**64
 
     def cached(self, key: Optional[tuple], compute: Callable[[], Any]) -> Any:

@@ -128,26 +128,35 @@ def random_keep(task_vector: torch.Tensor, density: float, key: int) -> torch.Te
     return task_vector * keep.reshape(task_vector.shape)
 
 
-def della_keep(task_vector: torch.Tensor, density: float, epsilon: float,
-               generator: Optional[torch.Generator]) -> torch.Tensor:
+def della_ranks(task_vector: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank by |d| along dimension 1 (a vector: along itself), ascending, equal
+    magnitudes in index order; float32, the shape of `task_vector` (as rows, 2-D for a vector)."""
+    rows = task_vector if task_vector.dim() >= 2 else task_vector.unsqueeze(0)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    positions = torch.arange(rows.shape[1], dtype=torch.float32, device=rows.device)
+    shape = [1] * rows.dim()
+    shape[1] = rows.shape[1]
+    return torch.empty_like(rows, dtype=torch.float32).scatter_(1, order, positions.reshape(shape).expand_as(rows))
+
+
+def della_keep(task_vector: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
     """DELLA's keep mask (1/0, the task vector's shape): per row, keep probability
-    (density - eps) + 2 eps r, r = rank of |d| in [0, 1]. Larger entries are kept more
-    often; on average the row keeps `density` of its entries."""
+    p = (density - eps) + 2 eps r, r = rank of |d| in [0, 1] (della_ranks / (width - 1)), so
+    larger entries are kept more often and a row keeps `density` of its entries on average.
+    Entry j is kept iff its draw (hash_draws(key)) is below p 2^32."""
     if density <= 0:
         return torch.zeros_like(task_vector)
-    rows = task_vector if task_vector.dim() >= 2 else task_vector.unsqueeze(0)
-    order = torch.argsort(rows.abs(), dim=1, stable=True)  # equal magnitudes ranked in index order
-    ranks = torch.empty_like(rows).scatter_(1, order, torch.arange(rows.shape[1], dtype=rows.dtype,
-                                                                   device=rows.device).expand_as(rows))
-    width = rows.shape[1]
+    ranks = della_ranks(task_vector)
+    width = ranks.shape[1]
     rank_in_unit = ranks / (width - 1) if width > 1 else torch.zeros_like(ranks)
     probabilities = (density - epsilon) + rank_in_unit * (2 * epsilon)
-    return torch.bernoulli(probabilities, generator=generator).reshape(task_vector.shape)
+    draws = hash_draws(task_vector.numel(), key, task_vector.device).reshape(probabilities.shape)
+    keep = draws.double() < probabilities.double() * 2.0**32
+    return keep.to(task_vector.dtype).reshape(task_vector.shape)
 
 
-def della_magprune(task_vector: torch.Tensor, density: float, epsilon: float,
-                   generator: Optional[torch.Generator]) -> torch.Tensor:
+def della_magprune(task_vector: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
     """DELLA pruning: the task vector times della_keep's mask."""
     if density >= 1:
         return task_vector
-    return task_vector * della_keep(task_vector, density, epsilon, generator)
+    return task_vector * della_keep(task_vector, density, epsilon, key)

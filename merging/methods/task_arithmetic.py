@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..errors import MergeError
@@ -55,7 +56,7 @@ def prune(task_vector: torch.Tensor, pruning: Optional[str], params: dict, input
     elif pruning == "random":
         pruned = sparsify.random_keep(task_vector, density, inputs.stream_key(index))
     elif pruning == "della":
-        pruned = sparsify.della_magprune(task_vector, density, params["epsilon"], inputs.generator(index))
+        pruned = sparsify.della_magprune(task_vector, density, params["epsilon"], inputs.stream_key(index))
     else:
         raise ValueError(pruning)
     if density >= 1 or pruned is task_vector:
@@ -137,10 +138,27 @@ def combine_fused(inputs: TensorInputs, family: Family) -> torch.Tensor:
     for index in range(len(models)):
         def rule(index=index):
             return _rule(inputs, index, family, base, models[index], rescale_mode)
-        rules.append(inputs.cached(_pruning_key(inputs, index, family, rescale_mode, "rule"), rule))
+        found = inputs.cached(_pruning_key(inputs, index, family, rescale_mode, "rule"), rule)
+        if found.kind == fused.RANKED:  # its ranks are cached on their own (a new density reuses them)
+            found = dataclasses.replace(found, ranks=_ranks(inputs, index, base, models[index]))
+        rules.append(found)
     merged = fused.combine(base, models, rules, inputs.per_model("weight"), family.sign_vote,
                            inputs.params["normalize"], inputs.params["lambda"])
     return merged.reshape(inputs.base.shape)
+
+
+def _ranks(inputs: TensorInputs, index: int, base, model) -> np.ndarray:
+    """models[index]'s DELLA ranks (sparsify.della_ranks), flat: a radix sort per row for
+    vectors and matrices; torch's sort along dimension 1 for more dimensions."""
+    shape = inputs.base.shape
+
+    def compute():
+        if len(shape) <= 2:
+            return fused.row_ranks(base, model, shape[-1])
+        task_vector = inputs.models[index].float() - inputs.base.float()
+        return sparsify.della_ranks(task_vector).reshape(-1).to(torch.int32).numpy()
+    key = ("ranks", inputs.keys[index], inputs.keys[-1]) if inputs.keys else None
+    return inputs.cached(key, compute)
 
 
 def _rule(inputs: TensorInputs, index: int, family: Family, base, model,
@@ -169,17 +187,20 @@ def _rule(inputs: TensorInputs, index: int, family: Family, base, model,
         rule = fused.Rule(fused.WINDOW, False, edges)
     elif family.pruning == "random":
         rule = fused.Rule(fused.HASH, key=inputs.stream_key(index), threshold=sparsify.keep_threshold(density))
-    else:  # della: its per-row ranks need a sort; the mask is kept
-        task_vector = inputs.models[index].float() - inputs.base.float()
-        keep = sparsify.della_keep(task_vector, density, params["epsilon"], inputs.generator(index))
-        rule = fused.Rule(fused.MASK, mask=keep.reshape(-1).to(torch.uint8).numpy())
+    elif density <= 0:  # della keeps nothing
+        rule = fused.Rule(fused.WINDOW, edges=empty)
+    else:  # della: keep probabilities from the ranks of |d| along dimension 1
+        shape = inputs.base.shape
+        rule = fused.Rule(fused.RANKED, key=inputs.stream_key(index), width=shape[1] if len(shape) > 1 else shape[0],
+                          low=density - params["epsilon"], spread=2 * params["epsilon"],
+                          ranks=_ranks(inputs, index, base, model))
     if rescale_mode == "inverse_density":
-        return dataclasses.replace(rule, scale_mode=fused.DIVIDE, density=density)
-    if rescale_mode == "l1":
+        rule = dataclasses.replace(rule, scale_mode=fused.DIVIDE, density=density)
+    elif rescale_mode == "l1":
         before, after = fused.abs_sums(base, model, rule)
         if before >= 1e-7 and after >= 1e-7:
-            return dataclasses.replace(rule, scale_mode=fused.MULTIPLY, scale=before / after)
-    return rule
+            rule = dataclasses.replace(rule, scale_mode=fused.MULTIPLY, scale=before / after)
+    return dataclasses.replace(rule, ranks=None)  # the cache keeps ranks once, on their own
 
 
 def task_arithmetic_coefficients(sums, inputs: TensorInputs) -> list[float]:
