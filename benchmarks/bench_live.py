@@ -18,6 +18,7 @@ with transformers. Also reports the session's resident memory, and both updates 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import statistics
@@ -137,10 +138,15 @@ def main() -> None:
 
     current = {key: list(vals) for key, vals in values.items()}
 
+    edits = itertools.count()
+
     def one_layer(run):
-        layer = 1 + run % (LAYERS - 2)
+        edit = next(edits)  # never a value a layer had before
+        # layers 1-8: a 30-value list read as a gradient puts layer 15 at 15/29 * 29 = 14.999...,
+        # so an edit of layer 16 also moves layer 15 by a rounding error (as in mergekit)
+        layer = 1 + edit % 8
         for key in current:
-            current[key][layer] = (0.123 + 0.01 * run) % 1
+            current[key][layer] = (0.123 + 0.001 * edit) % 1
         stats = live.update(recipe(str(base), str(child), current))
         assert stats.recomputed == 9, stats  # q, k, v, o, gate, up, down and 2 norms
 
@@ -200,7 +206,9 @@ def main() -> None:
         neighbour = busy_core() if busy else None
         try:
             time.sleep(0.5 if busy else 0)
-            seconds = median_seconds(full, args.runs), median_seconds(one_layer, args.runs)
+            every = median_seconds(full, args.runs)
+            live.update(recipe(str(base), str(child), current))  # back to the values one_layer edits
+            seconds = every, median_seconds(one_layer, args.runs)
         finally:
             if neighbour is not None:
                 neighbour.kill()

@@ -125,8 +125,8 @@ def statistics_key(plan: MergePlan, task: TensorTask) -> tuple:
 
 def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed: int, *,
                   release: bool = True, statistics_cache: Optional[dict] = None,
-                  scratch: Optional[Scratch] = None, cache: Optional[TensorCache] = None
-                  ) -> Iterator[torch.Tensor]:
+                  scratch: Optional[Scratch] = None, cache: Optional[TensorCache] = None,
+                  destination: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
     """The task's output in float32 on `device`, as consecutive row blocks (integer
     buffers as stored). Sinks cast each block to `task.out_dtype`; a block may live in a
     reused buffer, so it must be consumed before the next one is asked for.
@@ -134,7 +134,9 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
     `release` hands the inputs' pages back once read (a one-shot merge); a live session
     keeps them. `statistics_cache` keeps elementwise methods' tensor-wide sums between
     calls, so changing a parameter skips the pass that computes them; `cache` keeps what
-    whole-tensor methods can reuse (pruned task vectors).
+    whole-tensor methods can reuse (pruning rules). `destination` is where the sink will
+    put the tensor (a live model's parameter, of the task's shape): methods that can round
+    their result straight into it do, and then yield views of it (one pass less).
     """
     inputs = TaskInputs(plan, task, device)
     step = inputs.block_rows()
@@ -143,9 +145,13 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
     if not inputs.stored[0].dtype.is_floating_point:
         yield inputs.stored[0].clone()  # integer buffers are copied from the first input
         return
+    if destination is not None and (tuple(destination.shape) != tuple(task.shape) or not destination.is_contiguous()):
+        destination = None
     if elementwise is None or not task.shape:
         whole = inputs.block(0, inputs.rows, stored=plan.method.stored_inputs)
-        result = plan.method.merge(make_inputs(plan, task, whole, seed, cache))
+        given = make_inputs(plan, task, whole, seed, cache)
+        given.out = destination if plan.method.stored_inputs else None
+        result = plan.method.merge(given)
         if release:
             inputs.release()
         for start in range(0, max(1, inputs.rows), step) if task.shape else [0]:
@@ -167,13 +173,15 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
         if statistics_cache is not None:
             statistics_cache[key] = sums
     coefficients = None
+    in_place = destination is not None and elementwise.any_out_dtype
     for index, start in enumerate(starts):
         block = single or make_inputs(plan, task, inputs.block(start, start + step, scratch,
                                                                stored=elementwise.stored_dtype_ok), seed)
         if index == 0:  # parameters are per tensor, so the first block's serve them all
             coefficients = elementwise.coefficients(sums, block)
         first = block.base if block.base is not None else block.models[0]
-        output = elementwise.combine(block, coefficients, scratch.take("out", first.shape))
+        out = destination[start:start + step] if in_place else scratch.take("out", first.shape)
+        output = elementwise.combine(block, coefficients, out)
         if release:
             inputs.release(start, start + step)
         yield output

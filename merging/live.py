@@ -78,6 +78,11 @@ class ModelSink:
         expert = self.tensors[part.parameter].data[part.expert]
         return expert.chunk(part.parts, dim=part.dim)[part.part] if part.parts > 1 else expert
 
+    def destination(self, name: str) -> Optional[torch.Tensor]:
+        """The parameter `name` is written to, when a merge can write straight into it."""
+        target = self._target(name)
+        return target if target is not None and target.is_contiguous() and target.is_floating_point() else None
+
     @torch.no_grad()
     def write(self, name: str, blocks) -> None:
         target = self._target(name)
@@ -86,7 +91,9 @@ class ModelSink:
             offset = 0
             for block in blocks:
                 count = block.numel()
-                flat[offset:offset + count].copy_(block.reshape(-1))
+                place = flat[offset:offset + count]
+                if block.data_ptr() != place.data_ptr() or block.dtype != place.dtype:  # not merged in place
+                    place.copy_(block.reshape(-1))
                 offset += count
         else:  # a part of a fused parameter split along a later dimension
             whole = torch.cat([block.reshape(-1) for block in blocks])
@@ -151,7 +158,7 @@ class LiveMerge:
                                  f"'{task.name}'")
             sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
                                                 statistics_cache=self.statistics_cache, scratch=self.scratch,
-                                                cache=self.tensor_cache))
+                                                cache=self.tensor_cache, destination=sink.destination(task.name)))
             signatures[task.name] = task_signature(plan, task, self.seed)
             if progress is not None:
                 progress(done + 1, len(plan.tasks))
@@ -246,7 +253,8 @@ class LiveMerge:
             for done, task in enumerate(changed):
                 sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
                                                     statistics_cache=self.statistics_cache,
-                                                    scratch=self.scratch, cache=self.tensor_cache))
+                                                    scratch=self.scratch, cache=self.tensor_cache,
+                                                    destination=sink.destination(task.name)))
                 self.signatures[task.name] = signatures[task.name]
                 if progress is not None:
                     progress(done + 1, len(changed))

@@ -93,6 +93,15 @@ def source_array(tensor: torch.Tensor) -> np.ndarray:
     return flat.float().numpy()
 
 
+def output_array(tensor: torch.Tensor) -> Optional[np.ndarray]:
+    """A flat numpy view the kernels can write a result into (float32, or bfloat16 bits as
+    uint16, rounded to nearest even once), or None for other tensors."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype not in (torch.float32,
+                                                                                          torch.bfloat16):
+        return None
+    return source_array(tensor)
+
+
 # ---- threads ------------------------------------------------------------------------
 # One pool of worker threads per thread count asked for, shared by every session (a
 # process sets its count once; a pool's idle threads wait, they do not spin).
@@ -100,17 +109,17 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _ranges(count: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges on CHUNK boundaries, up to four per thread (torch's count): a
-    thread whose core is shared with another process takes fewer of them."""
+def _ranges(count: int, threads: int = 0) -> list[tuple[int, int]]:
+    """[start, stop) ranges on CHUNK boundaries, up to four per thread (`threads`, else
+    torch's count): a thread whose core is shared with another process takes fewer of them."""
     chunks = max(1, -(-count // CHUNK))
-    per = -(-chunks // (4 * max(1, torch.get_num_threads())))
+    per = -(-chunks // (4 * max(1, threads or torch.get_num_threads())))
     return [(c * CHUNK, min(count, (c + per) * CHUNK)) for c in range(0, chunks, per)]
 
 
-def _map(function, ranges: list, *args) -> list:
-    """[function(*args, start, stop) for each range], spread over torch's thread count."""
-    threads = max(1, torch.get_num_threads())
+def _map(function, ranges: list, *args, threads: int = 0) -> list:
+    """[function(*args, start, stop) for each range], spread over `threads` (else torch's count)."""
+    threads = max(1, threads or torch.get_num_threads())
     if len(ranges) == 1 or threads == 1:
         return [function(*args, *bounds) for bounds in ranges]
     with _POOL_LOCK:
@@ -120,8 +129,8 @@ def _map(function, ranges: list, *args) -> list:
     return list(pool.map(lambda bounds: function(*args, *bounds), ranges))
 
 
-def _run(function, count: int, *args) -> list:
-    return _map(function, _ranges(count), *args)
+def _run(function, count: int, *args, threads: int = 0) -> list:
+    return _map(function, _ranges(count, threads), *args, threads=threads)
 
 
 # ---- rules --------------------------------------------------------------------------
@@ -218,10 +227,14 @@ def _rule_arrays(rules: list[Rule]) -> tuple:
 
 # ---- the combine --------------------------------------------------------------------
 def combine(base, models: tuple, rules: list[Rule], weights: list[float], sign_vote: bool,
-            normalize: bool, lam: float) -> torch.Tensor:
-    """The family's result b + lambda * mixed (see task_arithmetic), as a flat float32 tensor."""
+            normalize: bool, lam: float, out: Optional[np.ndarray] = None) -> Optional[torch.Tensor]:
+    """The family's result b + lambda * mixed (see task_arithmetic): into `out` (an
+    output_array) when given, else returned as a flat float32 tensor."""
     count = len(base)
-    out = torch.empty(count, dtype=torch.float32)
+    result = None
+    if out is None:
+        result = torch.empty(count, dtype=torch.float32)
+        out = result.numpy()
     weight_array = np.array(weights, np.float32)
     divisor = np.float32(0)
     for weight in weight_array:  # the reference's float32 sum, in order
@@ -229,19 +242,21 @@ def combine(base, models: tuple, rules: list[Rule], weights: list[float], sign_v
     if abs(divisor) < 1e-8:
         divisor = np.float32(1)
     _run(_combine_kernel, count, base, models, *_rule_arrays(rules), weight_array, sign_vote, normalize,
-         divisor, np.float32(lam), lam != 1, out.numpy())
-    return out
+         divisor, np.float32(lam), lam != 1, out)
+    return result
 
 
 def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
     """out = sum_i c_i x_i as interpolation.weighted_sum computes it (x_0 c_0, then each
     further term added by a fused multiply-add, as torch's add_(x, alpha=c) does), in one
-    pass over the stored inputs."""
+    pass over the stored inputs; `out` float32, or bfloat16 (rounded once, as a cast would)."""
     arrays = [source_array(t) for t in tensors]
     if len({a.dtype for a in arrays}) > 1:
         arrays = [source_array(t.float()) for t in tensors]
+    # One thread: this pass is bound by memory, and a second thread made a live slerp update
+    # slower (161 vs 147 ms; 185 vs 142 ms beside a busy process; bench_live.py)
     _run(_weighted_sum_kernel, out.numel(), tuple(arrays), np.array(coefficients, np.float32),
-         out.view(-1).numpy())
+         output_array(out), threads=1)
     return out
 
 
@@ -276,6 +291,24 @@ if njit is not None:
         if array.dtype == types.uint16:
             return lambda array, j: _as_float(np.uint32(array[j]) << np.uint32(16))
         return lambda array, j: np.float32(array[j])
+
+    def _store(array, j, value):
+        """array[j] = value: float32 as is, or rounded to bfloat16 bits (uint16 arrays) to
+        nearest even, NaN as 0x7FC0, as torch casts."""
+
+    @overload(_store, inline="always")
+    def _store_typed(array, j, value):
+        if array.dtype == types.uint16:
+            def store(array, j, value):
+                bits = _as_bits(value)
+                rounded = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+                                    >> np.uint32(16))
+                array[j] = np.uint16(0x7FC0) if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
+            return store
+
+        def store(array, j, value):
+            array[j] = value
+        return store
 
     @njit(inline="always", error_model="numpy")
     def _order_key(d, descending):
@@ -489,15 +522,22 @@ if njit is not None:
             block_out = out[first:last]
             for offset in range(size):
                 value = mixed[offset] * lam if apply_lambda else mixed[offset]
-                block_out[offset] = _load(block_base, offset) + value
+                _store(block_out, offset, _load(block_base, offset) + value)
 
     @njit(nogil=True, cache=True, error_model="numpy")
     def _weighted_sum_kernel(sources, coefficients, out, start, stop):
+        # one entry at a time through every source: the sum stays in a register, and is
+        # stored (maybe rounded to bfloat16) once
         block_out = out[start:stop]
         first = sources[0][start:stop]
-        for j in range(len(block_out)):
-            block_out[j] = _load(first, j) * coefficients[0]
-        for i in range(1, len(sources)):
-            source, coefficient = sources[i][start:stop], coefficients[i]
+        count = len(sources)
+        if count == 2:  # slerp, and most linear merges: a loop that vectorizes
+            second, c0, c1 = sources[1][start:stop], coefficients[0], coefficients[1]
             for j in range(len(block_out)):
-                block_out[j] = _fma(_load(source, j), coefficient, block_out[j])
+                _store(block_out, j, _fma(_load(second, j), c1, _load(first, j) * c0))
+            return
+        for j in range(len(block_out)):
+            total = _load(first, j) * coefficients[0]
+            for i in range(1, count):
+                total = _fma(_load(sources[i], start + j), coefficients[i], total)
+            _store(block_out, j, total)

@@ -36,11 +36,15 @@ def linear_coefficients(sums, inputs: TensorInputs) -> list[float]:
 
 
 def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
-    """sum_i c_i x_i, written into the float32 `out` by in-place operations, so the
-    arithmetic is float32 even when the x_i come in their (lower) storage dtype. On the
-    CPU one fused pass (methods.fused) computes the same, bitwise."""
-    if fused.available(out) and out.is_contiguous() and all(t.device.type == "cpu" for t in tensors):
+    """sum_i c_i x_i, written into `out` by in-place float32 operations, so the arithmetic is
+    float32 even when the x_i come in their (lower) storage dtype. On the CPU one fused pass
+    (methods.fused) computes the same, bitwise. A bfloat16 `out` (a live model's parameter)
+    gets the float32 sum rounded once."""
+    if fused.available(out) and fused.output_array(out) is not None and \
+            all(t.device.type == "cpu" for t in tensors):
         return fused.weighted_sum(tensors, coefficients, out)
+    if out.dtype != torch.float32:
+        return out.copy_(weighted_sum(tensors, coefficients, torch.empty_like(out, dtype=torch.float32)))
     out.copy_(tensors[0]).mul_(coefficients[0])
     for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
         out.add_(tensor, alpha=coefficient)
@@ -196,7 +200,7 @@ register(Method(
     (weight_parameter(),
      Parameter("normalize", bool, True, help="divide by the sum of the weights")),
     base=BASE_IGNORED, min_models=1, reference="https://arxiv.org/abs/2203.05482",
-    elementwise=Elementwise(linear_combine, linear_coefficients, stored_dtype_ok=True)))
+    elementwise=Elementwise(linear_combine, linear_coefficients, stored_dtype_ok=True, any_out_dtype=True)))
 
 register(Method(
     "slerp", "spherical interpolation between the base (t=0) and one other model (t=1)", None,
@@ -206,7 +210,7 @@ register(Method(
         combine=lambda inputs, coefficients, out: weighted_sum([inputs.base, inputs.models[0]],
                                                                list(coefficients), out),
         coefficients=lambda sums, inputs: slerp_coefficients(inputs.params["t"], slerp_cosine(sums)),
-        statistics=slerp_statistics, stored_dtype_ok=True)))
+        statistics=slerp_statistics, stored_dtype_ok=True, any_out_dtype=True)))
 
 register(Method(
     "nuslerp", "slerp of two models (or their task vectors) with weights, by tensor, row or column",

@@ -105,6 +105,7 @@ class TensorInputs:
     name: str = ""
     keys: Optional[list] = None  # identities of models[i] and, last, of the base (for caching)
     cache: Optional["TensorCache"] = None
+    out: Optional[torch.Tensor] = None  # where the result may go (a live parameter); see Method.merge
 
     def per_model(self, key: str) -> list:
         return [p[key] for p in self.model_params]
@@ -163,12 +164,15 @@ class Elementwise:
       into the float32 buffer `out` (the engine reuses it from block to block).
     stored_dtype_ok: combine computes in `out` by in-place float32 operations, so its
       inputs may come in their storage dtype (bfloat16, float16): one conversion pass less.
+    any_out_dtype: combine may be given an `out` in a lower precision (a live model's
+      bfloat16 parameter) and rounds the float32 result into it once.
     """
 
     combine: Callable[["TensorInputs", Any, torch.Tensor], torch.Tensor]
     coefficients: Callable[[Optional[torch.Tensor], "TensorInputs"], Any] = lambda sums, inputs: None
     statistics: Optional[Callable[["TensorInputs"], torch.Tensor]] = None
     stored_dtype_ok: bool = False
+    any_out_dtype: bool = False
 
     def merge(self, inputs: "TensorInputs") -> torch.Tensor:
         sums = self.statistics(inputs).double() if self.statistics else None
@@ -203,6 +207,8 @@ class Method:
     reference: str = ""
     elementwise: Optional[Elementwise] = None
     stored_inputs: bool = False  # merge takes the inputs as stored (bfloat16...) and widens them itself
+    # merge may write its result, rounded once, into inputs.out (the destination's dtype and
+    # shape) and return that tensor; otherwise it returns a float32 tensor of its own
 
     def __post_init__(self):
         if self.merge is None:

@@ -142,9 +142,10 @@ def combine_fused(inputs: TensorInputs, family: Family) -> torch.Tensor:
         if found.kind == fused.RANKED:  # its ranks are cached on their own (a new density reuses them)
             found = dataclasses.replace(found, ranks=_ranks(inputs, index, base, models[index]))
         rules.append(found)
+    out = fused.output_array(inputs.out) if inputs.out is not None else None
     merged = fused.combine(base, models, rules, inputs.per_model("weight"), family.sign_vote,
-                           inputs.params["normalize"], inputs.params["lambda"])
-    return merged.reshape(inputs.base.shape)
+                           inputs.params["normalize"], inputs.params["lambda"], out)
+    return inputs.out if merged is None else merged.reshape(inputs.base.shape)
 
 
 def _ranks(inputs: TensorInputs, index: int, base, model) -> np.ndarray:
