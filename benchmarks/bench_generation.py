@@ -7,8 +7,11 @@ use): a slerp at t=0.5 written by `merge()` and loaded with `AutoModelForCausalL
 from_pretrained`, and the same recipe as a LiveMerge (bfloat16 both; their tensors are equal).
 Each answers the same chat prompt greedily with up to `--tokens` new tokens (the same tokens:
 equal weights, greedy), the plain model through `model.generate` on the chat template's ids, the live one through
-`LiveMerge.generate` (MergeLab's path: its sampler, stop event and template), alternately,
-medians of `--runs`. Also the arena's streaming path. Prints Markdown.
+`LiveMerge.generate` (MergeLab's path: its sampler and template), alternately, medians of
+`--runs`; also the arena's streaming path (generation in a thread of its own, text through a
+queue). Each is called from the main thread and from a long-lived worker thread, as a Gradio
+handler is: torch's OpenMP threads are slower when several threads have used them (libgomp
+then stops spinning between parallel regions). Prints Markdown.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -70,22 +74,32 @@ def main() -> None:
 
     ways = {"transformers `model.generate`": plain_generate, "LiveMerge.generate": live_generate,
             "LiveMerge.stream (the arena)": live_stream}
-    for way in ways.values():
-        way()  # warm-up
-    rates = {name: [] for name in ways}
+    handler = ThreadPoolExecutor(max_workers=1)  # one long-lived worker thread, as a Gradio handler runs in
+
+    def called(way, where):
+        return way() if where == "main" else handler.submit(way).result()
+
+    wheres = {"main": "the main thread", "worker": "a worker thread (a Gradio handler)"}
+    for where in wheres:
+        for way in ways.values():
+            called(way, where)  # warm-up
+    rates = {(name, where): [] for name in ways for where in wheres}
     for _ in range(args.runs):
-        for name, way in ways.items():
-            started = time.perf_counter()
-            tokens = way()
-            rates[name].append(tokens / (time.perf_counter() - started))
-    reference = statistics.median(rates["transformers `model.generate`"])
+        for where in wheres:
+            for name, way in ways.items():
+                started = time.perf_counter()
+                tokens = called(way, where)
+                rates[name, where].append(tokens / (time.perf_counter() - started))
+    handler.shutdown()
     print(f"SmolLM2-135M slerp (bfloat16), {args.tokens} new tokens greedy, {args.threads} thread(s), "
           f"medians of {args.runs}\n")
-    print("| path | tokens/s | vs plain transformers |")
-    print("|---|---|---|")
-    for name, values in rates.items():
-        rate = statistics.median(values)
-        print(f"| {name} | {rate:.1f} | {rate / reference:.2f} |")
+    print("| called from | path | tokens/s | vs plain transformers called from there |")
+    print("|---|---|---|---|")
+    for where, label in wheres.items():
+        reference = statistics.median(rates["transformers `model.generate`", where])
+        for name in ways:
+            rate = statistics.median(rates[name, where])
+            print(f"| {label} | {name} | {rate:.1f} | {rate / reference:.2f} |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +26,9 @@ from .pipeline import fetch_weights, open_checkpoints
 from .plan import TORCH_DTYPES, MergePlan, TensorTask, plan_merge
 from .architecture import Structure, fused_part
 from .sources import Checkpoint
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -213,8 +217,8 @@ class LiveMerge:
         from transformers import AutoTokenizer
 
         donor = plan.checkpoints[plan.tokenizer_donor].folder if plan.tokenizer_donor else None
-        if donor is None:
-            return None
+        if donor is None or not any((Path(donor) / name).is_file() for name in TOKENIZER_FILES):
+            return None  # weights alone (a benchmark's random model): a merge to inspect, not to chat with
         tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=self.trust_remote_code)
         if plan.vocabulary is not None:
             from .sources.vocabulary import extend_tokenizer
@@ -274,12 +278,18 @@ class LiveMerge:
         return sums + self.tensor_cache.bytes
 
     # ---- generating ----------------------------------------------------------------
+    def _chat_ready(self) -> None:
+        if self.tokenizer is None:
+            raise MergeError("this merge has no tokenizer (none of its models' folders has one), so it cannot chat")
+
     def generate(self, messages, sampling=None, **overrides):
         """The merged model's answer (see merging.generation.generate)."""
+        self._chat_ready()
         from .generation import Sampling, generate
         return generate(self.model, self.tokenizer, messages, sampling or Sampling(), **overrides)
 
     def stream(self, messages, sampling=None, **overrides):
         """Text pieces, then a Generation (see merging.generation.stream)."""
+        self._chat_ready()
         from .generation import Sampling, stream
         return stream(self.model, self.tokenizer, messages, sampling or Sampling(), **overrides)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -208,3 +210,22 @@ def test_an_unknown_architecture_needs_trust_remote_code(tiny, tmp_path):
     text = f"models:\n  - model: {custom}\nmerge_method: passthrough\n"
     with pytest.raises(MergeError, match="needs trust_remote_code, which is off"):
         LiveMerge(text, device="cpu")
+
+
+def test_a_merge_of_weights_without_a_tokenizer_is_live_but_says_why_it_cannot_chat(tiny, tmp_path):
+    import shutil
+
+    from merging import MergeError
+    bare = {}
+    for name in ("base", "c1"):
+        bare[name] = tmp_path / name
+        bare[name].mkdir()
+        for file in Path(tiny[name]).iterdir():
+            if file.suffix in (".safetensors", ".json") and "token" not in file.name:
+                shutil.copy(file, bare[name] / file.name)
+    text = (f"merge_method: slerp\nbase_model: {bare['base']}\nmodels:\n  - model: {bare['base']}\n"
+            f"  - model: {bare['c1']}\nparameters:\n  t: 0.5\n")
+    live = LiveMerge(text, device="cpu")
+    assert live.tokenizer is None and live.update(text.replace("t: 0.5", "t: 0.6")).recomputed > 0
+    with pytest.raises(MergeError, match="no tokenizer"):
+        live.generate("hello")
