@@ -96,14 +96,14 @@ class Scratch:
         self.device = device
         self.buffers: dict = {}
 
-    def take(self, slot, shape) -> torch.Tensor:
+    def take(self, slot, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         count = 1
         for size in shape:
             count *= size
-        buffer = self.buffers.get(slot)
+        buffer = self.buffers.get((slot, dtype))
         if buffer is None or buffer.numel() < count:
-            buffer = torch.empty(max(count, BLOCK_ELEMENTS), dtype=torch.float32, device=self.device)
-            self.buffers[slot] = buffer
+            buffer = torch.empty(max(count, BLOCK_ELEMENTS), dtype=dtype, device=self.device)
+            self.buffers[slot, dtype] = buffer
         return buffer[:count].view(shape)
 
 
@@ -163,7 +163,8 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
     sums = statistics_cache.get(key) if statistics_cache is not None else None
     if elementwise.statistics is not None and sums is None:
         for start in starts:
-            block = make_inputs(plan, task, inputs.block(start, start + step, scratch), seed)
+            block = make_inputs(plan, task, inputs.block(start, start + step, scratch,
+                                                         stored=elementwise.stored_dtype_ok), seed)
             partial = elementwise.statistics(block).double()
             sums = partial if sums is None else sums + partial
             if len(starts) == 1:
@@ -180,7 +181,12 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
         if index == 0:  # parameters are per tensor, so the first block's serve them all
             coefficients = elementwise.coefficients(sums, block)
         first = block.base if block.base is not None else block.models[0]
-        out = destination[start:start + step] if in_place else scratch.take("out", first.shape)
+        if in_place:
+            out = destination[start:start + step]
+        elif elementwise.any_out_dtype and task.out_dtype.is_floating_point:  # rounded once, here
+            out = scratch.take("out", first.shape, task.out_dtype)
+        else:
+            out = scratch.take("out", first.shape)
         output = elementwise.combine(block, coefficients, out)
         if release:
             inputs.release(start, start + step)

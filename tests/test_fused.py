@@ -148,3 +148,13 @@ def test_della_ranks_rows_of_any_shape_like_the_reference():
             assert torch.equal(fast, reference), (shape, method)
     ranks = sparsify.della_ranks(torch.tensor([[3.0, -1.0, 1.0, 0.0]]))
     assert ranks.tolist() == [[3.0, 1.0, 2.0, 0.0]]  # |-1| = |1|: the lower index ranks first
+
+
+def test_slerp_sums_are_float64_dot_products_of_the_stored_values():
+    generator = torch.Generator().manual_seed(4)
+    first = torch.randn(300_001, generator=generator).bfloat16()
+    second = torch.randn(300_001, generator=generator).bfloat16()
+    sums = fused.dot_products(first, second)
+    a, b = first.double(), second.double()
+    expected = torch.stack([a @ b, a @ a, b @ b])
+    assert sums.dtype == torch.float64 and torch.allclose(sums, expected, rtol=1e-12, atol=0)

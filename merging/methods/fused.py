@@ -260,6 +260,16 @@ def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: to
     return out
 
 
+def dot_products(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """(<a,b>, <a,a>, <b,b>) of two stored tensors, float64 (products and sums in float64,
+    added chunk by chunk in order), in one pass."""
+    a, b = source_array(first), source_array(second)
+    if a.dtype != b.dtype:
+        a, b = source_array(first.float()), source_array(second.float())
+    parts = np.concatenate(_run(_dots_kernel, len(a), a, b)).reshape(-1, 3)
+    return torch.from_numpy(parts.sum(axis=0))
+
+
 if njit is not None:
     @intrinsic
     def _fma(typingctx, a, b, c):
@@ -541,3 +551,33 @@ if njit is not None:
             for i in range(1, count):
                 total = _fma(_load(sources[i], start + j), coefficients[i], total)
             _store(block_out, j, total)
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _dots_kernel(first, second, start, stop):
+        # eight running sums per quantity, entry j into sum j % 8, added in a fixed order at
+        # the end: independent chains that vectorize, and the same result on every CPU
+        chunks = (stop - start + CHUNK - 1) // CHUNK
+        sums = np.zeros(3 * chunks, np.float64)
+        lanes = np.zeros((3, 8), np.float64)
+        for c in range(chunks):
+            a, b = first[start + c * CHUNK:min(stop, start + (c + 1) * CHUNK)], \
+                second[start + c * CHUNK:min(stop, start + (c + 1) * CHUNK)]
+            lanes[:] = 0
+            whole = len(a) - len(a) % 8
+            for group in range(0, whole, 8):
+                for lane in range(8):
+                    x, y = np.float64(_load(a, group + lane)), np.float64(_load(b, group + lane))
+                    lanes[0, lane] += x * y
+                    lanes[1, lane] += x * x
+                    lanes[2, lane] += y * y
+            for j in range(whole, len(a)):
+                x, y = np.float64(_load(a, j)), np.float64(_load(b, j))
+                lanes[0, 0] += x * y
+                lanes[1, 0] += x * x
+                lanes[2, 0] += y * y
+            for quantity in range(3):
+                total = 0.0
+                for lane in range(8):
+                    total += lanes[quantity, lane]
+                sums[3 * c + quantity] = total
+        return sums

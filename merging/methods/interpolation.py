@@ -57,8 +57,12 @@ def linear_combine(inputs: TensorInputs, coefficients: list[float], out: torch.T
 
 
 def slerp_statistics(inputs: TensorInputs) -> torch.Tensor:
-    """<v0,v1>, <v0,v0>, <v1,v1>: sums that add up over row blocks."""
+    """<v0,v1>, <v0,v0>, <v1,v1>: sums that add up over row blocks (the inputs as stored;
+    on the CPU one fused float64 pass, elsewhere float32 dot products)."""
     v0, v1 = inputs.base.reshape(-1), inputs.models[0].reshape(-1)
+    if fused.available(v0) and v1.device.type == "cpu":
+        return fused.dot_products(v0, v1)
+    v0, v1 = v0.float(), v1.float()
     return torch.stack([torch.dot(v0, v1), torch.dot(v0, v0), torch.dot(v1, v1)])
 
 
