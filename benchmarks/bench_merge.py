@@ -128,6 +128,46 @@ def compare_outputs(ours: Path, theirs: Path) -> str:
             "at their tensor's largest value")
 
 
+def floors(inputs: list[Path], output_bytes: int, work: Path, env: dict) -> dict:
+    """What the merge cannot go below on this machine, measured now: starting Python with
+    torch, reading the inputs (from the page cache, as the merges do after their warm-up),
+    writing the output's bytes, and the merge's arithmetic on tensors already in memory."""
+    import torch
+
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, safetensors, yaml"], check=True, env=env)
+    startup = time.perf_counter() - started
+    files = [f for folder in inputs for f in Path(folder).glob("*.safetensors")]
+    buffer = memoryview(bytearray(1 << 26))
+    started = time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+    read = time.perf_counter() - started
+    chunk = bytes(1 << 26)
+    started = time.perf_counter()
+    with open(work / "floor.bin", "wb") as handle:
+        for _ in range(-(-output_bytes // len(chunk))):
+            handle.write(chunk)
+    write = time.perf_counter() - started
+    (work / "floor.bin").unlink()
+    sys.path.insert(0, str(REPO))
+    from safetensors.torch import load_file
+
+    from merging.methods import fused
+    base, child = ({k: v for f in sorted(Path(m).glob("*.safetensors")) for k, v in load_file(f).items()}
+                   for m in inputs[:2])
+    outputs = {name: torch.zeros_like(tensor) for name, tensor in base.items()}  # allocated and touched
+    started = time.perf_counter()
+    for name, tensor in base.items():  # slerp's two passes: the sums, then c0 x0 + c1 x1 rounded to bf16
+        fused.dot_products(tensor, child[name])
+        fused.weighted_sum([tensor, child[name]], [0.5, 0.5], outputs[name])
+    arithmetic = time.perf_counter() - started
+    return {"startup": startup, "read": read, "write": write, "arithmetic": arithmetic,
+            "bytes_read": sum(f.stat().st_size for f in files)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -136,6 +176,8 @@ def main() -> None:
     parser.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2",
                         help="SmolLM2-135M with rank-8 children, or random Llama-3.2-1B-shaped "
                              "checkpoints (1.24B parameters; llama1b.py)")
+    parser.add_argument("--floors", action="store_true",
+                        help="also measure the limits: start-up, reading, writing, in-memory arithmetic")
     args = parser.parse_args()
 
     built = subprocess.run([sys.executable, str(Path(__file__).parent / f"{args.model}.py"), str(args.cache)],
@@ -153,6 +195,8 @@ def main() -> None:
     try:
         results = run_alternately(commands, args.runs, work, env)
         comparison = compare_outputs(work / f"mergelab-{args.runs}", work / f"mergekit-{args.runs}")
+        written = sum(f.stat().st_size for f in (work / f"mergelab-{args.runs}").glob("*.safetensors"))
+        limits = floors([Path(base), Path(child)], written, work, env) if args.floors else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from importlib.metadata import version
@@ -164,6 +208,16 @@ def main() -> None:
     print(ratio_table(results, "`mergekit-yaml`"))
     print()
     print(f"outputs: {comparison}")
+    if limits:
+        print()
+        print("| the limit, measured in the same run | seconds |")
+        print("|---|---|")
+        print(f"| start Python and import torch, safetensors, yaml | {limits['startup']:.2f} |")
+        print(f"| read the two inputs ({limits['bytes_read'] / 1e9:.1f} GB, page cache) | {limits['read']:.2f} |")
+        print(f"| write the output's bytes ({written / 1e9:.1f} GB) | {limits['write']:.2f} |")
+        print(f"| the slerp arithmetic on tensors in memory (MergeLab's kernels) | {limits['arithmetic']:.2f} |")
+        total = limits["startup"] + limits["read"] + limits["write"]
+        print(f"| start + read + write | {total:.2f} |")
 
 
 if __name__ == "__main__":
