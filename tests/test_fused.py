@@ -158,3 +158,20 @@ def test_slerp_sums_are_float64_dot_products_of_the_stored_values():
     a, b = first.double(), second.double()
     expected = torch.stack([a @ b, a @ a, b @ b])
     assert sums.dtype == torch.float64 and torch.allclose(sums, expected, rtol=1e-12, atol=0)
+
+
+def test_a_histogram_that_no_longer_matches_the_weights_is_refused_not_overrun():
+    """The cut's bin is gathered into arrays sized by the cached histogram; weights that
+    changed under it (a file rewritten in place) must not write past them."""
+    from merging.errors import MergeError
+
+    generator = torch.Generator().manual_seed(5)
+    base = fused.source_array(torch.randn(50_000, generator=generator).bfloat16())
+    model = fused.source_array(torch.randn(50_000, generator=generator).bfloat16())
+    coarse = fused.key_histogram(base, model)
+    assert fused.window_rule(base, model, 0, 20_000, True, lambda: coarse)  # the true histogram serves
+    stale = coarse.copy()
+    stale //= 2  # every bin claims half its entries,
+    stale[0] += coarse.sum() - stale.sum()  # the rest counted as the tiniest magnitudes
+    with pytest.raises(MergeError, match="changed on disk"):
+        fused.window_rule(base, model, 0, 20_000, True, lambda: stale)

@@ -34,6 +34,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import MergeError
+
 try:
     from llvmlite import ir
     from numba import njit, types
@@ -165,6 +167,8 @@ def _prefix_edge(base, model, rank: int, descending: bool, coarse, count: int) -
     if rank >= count:
         return ALL_EDGE, 0
     cumulative = np.cumsum(coarse, dtype=np.int64)
+    if cumulative[-1] != count:
+        raise _changed_on_disk()
     high = int(np.searchsorted(cumulative, rank))  # first bin whose running count reaches rank
     before = int(cumulative[high - 1]) if high else 0
     stored_high = 0x7FFF - high if descending else high
@@ -173,6 +177,8 @@ def _prefix_edge(base, model, rank: int, descending: bool, coarse, count: int) -
         fine = np.sum(_run(_low_histogram_kernel, count, base, model, stored_high), axis=0)
     else:
         parts = _run(_gather_kernel, count, base, model, stored_high, int(coarse[high]))
+        if sum(p[2] for p in parts) != coarse[high]:
+            raise _changed_on_disk()
         indices = np.concatenate([p[0][:p[2]] for p in parts])
         lows = np.concatenate([p[1][:p[2]] for p in parts])
         fine = np.bincount(lows, minlength=1 << 16)
@@ -191,6 +197,12 @@ def _prefix_edge(base, model, rank: int, descending: bool, coarse, count: int) -
     first = chunk * CHUNK
     return (high << 16) | low, int(_nth_tie_kernel(base, model, stored_bits, needed, first,
                                                    min(count, first + CHUNK))) + 1
+
+
+def _changed_on_disk() -> MergeError:
+    """The cached histogram no longer counts the weights read now (never write past it)."""
+    return MergeError("a model's weights changed on disk while this session had them open; "
+                      "open the models again (merge from a fresh Lab)")
 
 
 def abs_sums(base, model, rule: Rule) -> tuple[float, float]:
@@ -395,8 +407,9 @@ if njit is not None:
         for j in range(len(base)):
             bits = _order_key(_load(model, j) - _load(base, j), False)
             if (bits >> 16) == high:
-                indices[found] = start + j
-                lows[found] = bits & 0xFFFF
+                if found < capacity:  # the count came from a histogram: never write past it
+                    indices[found] = start + j
+                    lows[found] = bits & 0xFFFF
                 found += 1
         return indices, lows, found
 
