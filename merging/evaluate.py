@@ -21,11 +21,13 @@ Scorer = Callable[[object, object], float]  # (model, tokenizer) -> score
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 512) -> float:
-    """Token-weighted perplexity of `model` on `texts`, batched with right padding."""
+def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 512,
+               tokenized: Optional[list[list[int]]] = None) -> float:
+    """Token-weighted perplexity of `model` on `texts`, batched with right padding
+    (`tokenized`: the texts' ids when already known, as a sweep's scorer keeps them)."""
     from .generation import pad_batch, pad_id
 
-    tokenized = tokenize_texts(tokenizer, texts, max_length)
+    tokenized = tokenized or tokenize_texts(tokenizer, texts, max_length)
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
@@ -64,21 +66,23 @@ def normalize_answer(text: str) -> str:
 
 @torch.no_grad()
 def probe_results(model, tokenizer, probes: Iterable[Probe], max_new_tokens: Optional[int] = None,
-                  batch_size: int = 16) -> list[dict]:
+                  batch_size: int = 32, encoded: Optional[list] = None) -> list[dict]:
     """Greedy answers to each probe (batched, left-padded), and whether each matches
-    exactly after normalizing."""
-    from .generation import chat_inputs, pad_batch, pad_id
+    exactly after normalizing. `encoded`: the prompts' ids and the answers' lengths when
+    already known (probe_encoding; a sweep's scorer keeps them from point to point)."""
+    from .generation import pad_batch, pad_id
 
     probes = list(probes)
+    encoded = encoded or probe_encoding(tokenizer, probes)
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     rows = []
     for start in range(0, len(probes), batch_size):
         chunk = probes[start:start + batch_size]
-        encoded = [chat_inputs(tokenizer, probe.prompt, "cpu")["input_ids"][0] for probe in chunk]
-        ids, mask = pad_batch(encoded, pad, left=True)
+        prompts = [prompt for prompt, _ in encoded[start:start + batch_size]]
+        ids, mask = pad_batch(prompts, pad, left=True)
         width = ids.shape[1]
-        budget = max_new_tokens or max(len(tokenizer(p.answer)["input_ids"]) for p in chunk) + 8
+        budget = max_new_tokens or max(length for _, length in encoded[start:start + batch_size]) + 8
         output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
         for probe, generated in zip(chunk, output[:, width:]):
@@ -88,18 +92,43 @@ def probe_results(model, tokenizer, probes: Iterable[Probe], max_new_tokens: Opt
     return rows
 
 
-def probe_accuracy(model, tokenizer, probes: Sequence[Probe], max_new_tokens: Optional[int] = None) -> float:
+def probe_encoding(tokenizer, probes: Sequence[Probe]) -> list[tuple[torch.Tensor, int]]:
+    """Each probe's prompt as chat-template ids, and its answer's length in tokens."""
+    from .generation import chat_inputs
+
+    return [(chat_inputs(tokenizer, probe.prompt, "cpu")["input_ids"][0], len(tokenizer(probe.answer)["input_ids"]))
+            for probe in probes]
+
+
+def probe_accuracy(model, tokenizer, probes: Sequence[Probe], max_new_tokens: Optional[int] = None,
+                   encoded: Optional[list] = None) -> float:
     """Fraction of probes answered exactly."""
-    rows = probe_results(model, tokenizer, probes, max_new_tokens)
+    rows = probe_results(model, tokenizer, probes, max_new_tokens, encoded=encoded)
     return sum(r["correct"] for r in rows) / len(rows) if rows else 0.0
 
 
-def perplexity_scorer(texts: Sequence[str], **kwargs) -> Scorer:
-    return lambda model, tokenizer: perplexity(model, tokenizer, texts, **kwargs)
+class _PerTokenizer:
+    """What a scorer derives from its tokenizer (token ids), kept while the tokenizer stays
+    the same object: from point to point of a sweep the texts are tokenized once."""
+
+    def __init__(self, derive):
+        self.derive, self.tokenizer, self.value = derive, None, None
+
+    def __call__(self, tokenizer):
+        if tokenizer is not self.tokenizer:
+            self.tokenizer, self.value = tokenizer, self.derive(tokenizer)
+        return self.value
+
+
+def perplexity_scorer(texts: Sequence[str], max_length: int = 512, **kwargs) -> Scorer:
+    ids = _PerTokenizer(lambda tokenizer: tokenize_texts(tokenizer, texts, max_length))
+    return lambda model, tokenizer: perplexity(model, tokenizer, texts, max_length=max_length,
+                                               tokenized=ids(tokenizer), **kwargs)
 
 
 def probe_scorer(probes: Sequence[Probe], **kwargs) -> Scorer:
-    return lambda model, tokenizer: probe_accuracy(model, tokenizer, probes, **kwargs)
+    encoded = _PerTokenizer(lambda tokenizer: probe_encoding(tokenizer, probes))
+    return lambda model, tokenizer: probe_accuracy(model, tokenizer, probes, encoded=encoded(tokenizer), **kwargs)
 
 
 LAYER_RANGE = re.compile(r"^layers:(\d+)-(\d+)$")
