@@ -134,5 +134,17 @@ def serve(app: gr.Blocks) -> None:
         SESSIONS.stop_reaper()
 
 
+def check_settings() -> None:
+    """A mistake in the server's settings (MERGELAB_DEVICE_MEMORY) stops the start, in one line."""
+    from merging.errors import MergeError
+    from merging.placement import SETTING, server_max_memory
+
+    try:
+        server_max_memory()
+    except MergeError as error:
+        sys.exit(f"MergeLab: {SETTING}: {error}")
+
+
 if __name__ == "__main__":
+    check_settings()
     serve(app_while_serving())

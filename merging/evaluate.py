@@ -16,6 +16,7 @@ import torch
 
 from .config import MergeConfig, load_config
 from .errors import MergeError
+from .placement import input_device
 
 Scorer = Callable[[object, object], float]  # (model, tokenizer) -> score
 
@@ -28,7 +29,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_
     from .generation import pad_batch, pad_id
 
     tokenized = tokenized or tokenize_texts(tokenizer, texts, max_length)
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
         encoded = tokenized[start:start + batch_size]
@@ -74,7 +75,7 @@ def probe_results(model, tokenizer, probes: Iterable[Probe], max_new_tokens: Opt
 
     probes = list(probes)
     encoded = encoded or probe_encoding(tokenizer, probes)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id(tokenizer)
     rows = []
     for start in range(0, len(probes), batch_size):

@@ -15,6 +15,7 @@ there); greedy decoding (temperature 0) is plain greedy.
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from .errors import MergeError
+from .placement import input_device
 
 Messages = Union[str, list[dict]]
 THREAD_NAME = "mergelab-generate"
@@ -149,7 +151,7 @@ def generate(model, tokenizer, messages: Messages, sampling: Sampling = Sampling
     thread that is the only one using them (measured: benchmarks/bench_generation.py)."""
     if overrides:
         sampling = Sampling(**{**sampling.__dict__, **overrides})
-    inputs = chat_inputs(tokenizer, messages, next(model.parameters()).device, max_prompt_tokens)
+    inputs = chat_inputs(tokenizer, messages, input_device(model), max_prompt_tokens)
     started = time.perf_counter()
     with torch.no_grad():
         ids = model.generate(**inputs, **sampling.generate_kwargs(tokenizer))
@@ -199,7 +201,7 @@ def stream_many(pairs: list, messages: Messages, sampling: Sampling = Sampling()
     joins the threads. An error in one stops the others and is raised here."""
     inputs = []
     for model, tokenizer in pairs:  # every prompt checked before any forward pass
-        inputs.append(chat_inputs(tokenizer, messages, next(model.parameters()).device, max_prompt_tokens))
+        inputs.append(chat_inputs(tokenizer, messages, input_device(model), max_prompt_tokens))
     shared: queue.Queue = queue.Queue()
     stop = threading.Event()
     outputs: list[dict] = [{} for _ in pairs]
@@ -248,10 +250,26 @@ def generate_many(models: dict, messages: Messages, sampling: Sampling = Samplin
     return {name: generate(model, tokenizer, messages, sampling) for name, (model, tokenizer) in models.items()}
 
 
-def load_model(folder, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False):
-    """A saved model and its tokenizer (a parent in the arena, or a merge written to disk)."""
+def load_model(folder, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
+               max_memory=None, offload_folder=None):
+    """A saved model and its tokenizer (a parent in the arena, or a merge written to disk).
+    With `max_memory` (see merging.placement) transformers places it with accelerate across
+    the GPUs, CPU memory and files in a new folder under `offload_folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tokenizer
+    if max_memory is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model.to(device).eval(), tokenizer
+    from .placement import delete_with, new_offload_folder
+
+    offload = new_offload_folder(offload_folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     device_map="auto", max_memory=dict(max_memory),
+                                                     offload_folder=str(offload))
+    except BaseException:
+        shutil.rmtree(offload, ignore_errors=True)
+        raise
+    delete_with(model, offload)
+    return model.eval(), tokenizer

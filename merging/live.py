@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -23,6 +23,7 @@ from .methods.registry import TensorCache
 from .errors import MergeError
 from .folder import resolve_chat_template
 from .pipeline import fetch_weights, open_checkpoints
+from .placement import MaxMemory, Placed, empty_model, parse_max_memory, place
 from .plan import TORCH_DTYPES, MergePlan, TensorTask, plan_merge
 from .architecture import Structure, fused_part
 from .sources import Checkpoint
@@ -63,8 +64,10 @@ class ModelSink:
     Merged tensors carry their stored names; the architecture model says which parameter
     each loads into (renamed, or a part of a fused one: Mixtral's per-expert weights)."""
 
-    def __init__(self, model: torch.nn.Module, structure: Structure):
-        self.tensors = dict(model.state_dict(keep_vars=True))
+    def __init__(self, model: torch.nn.Module, structure: Structure,
+                 tensors: Optional[dict[str, torch.Tensor]] = None):
+        # a placed model's offloaded weights live outside its modules (see merging.placement)
+        self.tensors = tensors if tensors is not None else dict(model.state_dict(keep_vars=True))
         self.structure = structure
 
     def has(self, name: str) -> bool:
@@ -82,10 +85,12 @@ class ModelSink:
         expert = self.tensors[part.parameter].data[part.expert]
         return expert.chunk(part.parts, dim=part.dim)[part.part] if part.parts > 1 else expert
 
-    def destination(self, name: str) -> Optional[torch.Tensor]:
-        """The parameter `name` is written to, when a merge can write straight into it."""
+    def destination(self, name: str, device: torch.device) -> Optional[torch.Tensor]:
+        """The parameter `name` is written to, when a merge on `device` can write straight into it."""
         target = self._target(name)
-        return target if target is not None and target.is_contiguous() and target.is_floating_point() else None
+        if target is None or target.device != device:
+            return None
+        return target if target.is_contiguous() and target.is_floating_point() else None
 
     @torch.no_grad()
     def write(self, name: str, blocks) -> None:
@@ -116,12 +121,22 @@ class LiveMerge:
     always give the same model; `cache_budget_bytes` bounds the cache of pruned task
     vectors that makes weight and lambda changes of TIES/DARE merges skip the pruning.
     `progress(done, total)` (here and in `update`) is called after each tensor merged.
+
+    `max_memory` ({"cuda:0": "20GiB", "cpu": "60GiB"}, or the text "cuda:0=20GiB,cpu=60GiB")
+    places a model bigger than one device with accelerate: whole layers fill the GPUs,
+    then CPU memory, then files in a new folder under `offload_folder` (the system's
+    temporary folder by default); each re-merged tensor is written where it lives
+    (merging.placement). Without it the whole model is on `device`.
     """
 
     def __init__(self, config, device: str = "auto", *, dtype: Optional[str] = None, seed: int = 0,
                  cache_budget_bytes: int = 1 << 30, trust_remote_code: bool = False,
-                 progress: Optional[Callable[[int, int], None]] = None):
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 max_memory: Optional[Union[MaxMemory, str]] = None, offload_folder: Optional[Path] = None):
         self.device = resolve_device(device)
+        self.max_memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+        self.offload_folder = offload_folder
+        self.placed: Optional[Placed] = None
         self.seed = seed
         self.requested_dtype = dtype
         self.trust_remote_code = trust_remote_code
@@ -152,9 +167,10 @@ class LiveMerge:
         plan = plan_merge(config, self._open(config))
         fetch_weights(plan)
         self.checkpoints.update(plan.checkpoints)
-        model = self._new_model(plan)
+        model, placed = self._new_model(plan)
         reference = plan.config.base_model or plan.config.referenced_models()[0]
-        sink = self.sink = ModelSink(model, plan.checkpoints[reference].layout.structure)
+        sink = ModelSink(model, plan.checkpoints[reference].layout.structure,
+                         tensors=placed.tensors if placed is not None else None)
         signatures = {}
         for done, task in enumerate(plan.tasks):
             if not sink.has(task.name):
@@ -162,14 +178,16 @@ class LiveMerge:
                                  f"'{task.name}'")
             sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
                                                 statistics_cache=self.statistics_cache, scratch=self.scratch,
-                                                cache=self.tensor_cache, destination=sink.destination(task.name)))
+                                                cache=self.tensor_cache,
+                                                destination=sink.destination(task.name, self.device)))
             signatures[task.name] = task_signature(plan, task, self.seed)
             if progress is not None:
                 progress(done + 1, len(plan.tasks))
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
+        if placed is None and getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()  # (a placed model was tied before its weights were placed)
         model.eval()
-        self.model, self.plan, self.config, self.signatures = model, plan, config, signatures
+        self.model, self.placed, self.sink = model, placed, sink
+        self.plan, self.config, self.signatures = plan, config, signatures
         self.tokenizer = self._tokenizer(plan)
         return UpdateStats(len(plan.tasks), 0, time.perf_counter() - started, True, reason,
                            self.cache_bytes)
@@ -181,9 +199,19 @@ class LiveMerge:
         floats = [t.out_dtype for t in plan.tasks if t.out_dtype.is_floating_point]
         return floats[0] if floats else torch.float32
 
-    def _new_model(self, plan: MergePlan) -> torch.nn.Module:
+    def _new_model(self, plan: MergePlan) -> tuple[torch.nn.Module, Optional[Placed]]:
+        """The model the merge is written into: on `device`, or placed within `max_memory`."""
+        dtype = self._model_dtype(plan)
+        if self.max_memory is None:
+            from transformers.initialization import no_init_weights
+
+            with no_init_weights():  # every weight is about to be written by the merge
+                return self._empty_model(plan, dtype).to(self.device), None
+        model = empty_model(lambda: self._empty_model(plan, dtype))
+        return model, place(model, self.max_memory, dtype, self.offload_folder)
+
+    def _empty_model(self, plan: MergePlan, dtype: torch.dtype) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, CONFIG_MAPPING
-        from transformers.initialization import no_init_weights
 
         values = dict(plan.out_config)
         model_type = values.get("model_type")
@@ -199,19 +227,14 @@ class LiveMerge:
         else:
             raise MergeError(f"transformers has no built-in model type '{model_type}'; running the "
                              "model's own code needs trust_remote_code, which is off")
-        dtype = self._model_dtype(plan)
         import transformers
 
         # the class the config names (a multimodal model chats with its text alone), else the causal LM
         named = [getattr(transformers, n, None) for n in values.get("architectures") or []]
         model_class = next((c for c in named if c is not None), None)
-        with no_init_weights():  # every weight is about to be written by the merge
-            if model_class is not None and model_type in CONFIG_MAPPING:
-                model = model_class._from_config(model_config, dtype=dtype)
-            else:
-                model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
-                                                         trust_remote_code=self.trust_remote_code)
-        return model.to(self.device)
+        if model_class is not None and model_type in CONFIG_MAPPING:
+            return model_class._from_config(model_config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=self.trust_remote_code)
 
     def _tokenizer(self, plan: MergePlan):
         from transformers import AutoTokenizer
@@ -258,7 +281,7 @@ class LiveMerge:
                 sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
                                                     statistics_cache=self.statistics_cache,
                                                     scratch=self.scratch, cache=self.tensor_cache,
-                                                    destination=sink.destination(task.name)))
+                                                    destination=sink.destination(task.name, self.device)))
                 self.signatures[task.name] = signatures[task.name]
                 if progress is not None:
                     progress(done + 1, len(changed))

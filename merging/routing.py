@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .generation import pad_batch
+from .placement import input_device
 from .moe_config import Expert
 
 PROMPT_BATCH = 16  # prompts per forward pass: bounds activation memory on long lists
@@ -44,7 +45,7 @@ def hidden_states(model, tokenizer, prompts: list[str], average: bool) -> torch.
 
     Prompts are batched with left padding; positions are counted from each prompt's
     first real token, so a padded prompt sees exactly what it would see alone."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total = None
     for start in range(0, len(prompts), PROMPT_BATCH):
         sequences = [prompt_ids(tokenizer, p) for p in prompts[start:start + PROMPT_BATCH]]
@@ -133,7 +134,7 @@ class RoutingTrace:
 @torch.no_grad()
 def trace_routing(model, input_ids: torch.Tensor) -> RoutingTrace:
     """Run a Mixtral-style model over one sequence and read its routers' choices."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
     output = model(input_ids=ids, output_router_logits=True)
     logits = torch.stack([layer.float().reshape(ids.shape[1], -1) for layer in output.router_logits])
@@ -175,7 +176,7 @@ def generate_routed(model, tokenizer, messages, sampling=None, max_prompt_tokens
     from .generation import Sampling, chat_inputs
 
     sampling = sampling or Sampling()
-    device = next(model.parameters()).device
+    device = input_device(model)
     inputs = chat_inputs(tokenizer, messages, device, max_prompt_tokens)
     ids = model.generate(**inputs, **sampling.generate_kwargs(tokenizer))[0]
     return _routed_answer(model, tokenizer, ids, inputs["input_ids"].shape[1])
@@ -193,7 +194,7 @@ def stream_routed(model, tokenizer, messages, sampling=None, max_prompt_tokens=N
     from .generation import JOIN_SECONDS, THREAD_NAME, Sampling, chat_inputs
 
     sampling = sampling or Sampling()
-    device = next(model.parameters()).device
+    device = input_device(model)
     inputs = chat_inputs(tokenizer, messages, device, max_prompt_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()

@@ -23,6 +23,7 @@ from merging.layer_values import (edit_range, expand, layer_parameters, paramete
                                    require_layer_parameter, with_layer_points)
 from merging.limits import (check as check_limit, clamp_check, finite_number, is_public_deployment, limit,
                             whole_number)
+from merging.placement import server_max_memory
 from merging.plan import format_bytes
 from merging.pipeline import merge_stages_into, plan_stages
 
@@ -93,7 +94,8 @@ def merge_recipe(recipe: str, trust_remote_code: bool = False, request: gr.Reque
                 SESSIONS.reserve(session, "live", plans[-1].live_model_bytes + LIVE_CACHE_BYTES)
                 yield f"Building: {memory_estimate(plans[-1])}."
                 session.live = LiveMerge(config, trust_remote_code=trust_remote_code,
-                                         cache_budget_bytes=LIVE_CACHE_BYTES,
+                                         cache_budget_bytes=LIVE_CACHE_BYTES, max_memory=server_max_memory(),
+                                         offload_folder=session.workdir() / "offload",
                                          progress=tensor_progress(progress, "building the merged model"))
                 stats = session.live.last_stats
             else:

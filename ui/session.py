@@ -352,6 +352,7 @@ class SharedModels:
     def get(self, reference: str, dtype: torch.dtype, trust_remote_code: bool = False):
         from merging.sources import open_model
         from merging.generation import load_model
+        from merging.placement import server_max_memory
 
         key = (reference, str(dtype), trust_remote_code)
         with self._lock:
@@ -363,7 +364,9 @@ class SharedModels:
                 estimate = sum(info.numel for info in checkpoint.tensors.values()) * dtype.itemsize
                 self._make_room(estimate, keep=key)
                 try:
-                    model, tokenizer = load_model(checkpoint.folder, dtype=dtype, trust_remote_code=trust_remote_code)
+                    model, tokenizer = load_model(checkpoint.folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                  max_memory=server_max_memory(),
+                                                  offload_folder=self.registry.instance_folder() / "offload")
                 except BaseException:
                     with self._lock:
                         self._models.pop(key, None)

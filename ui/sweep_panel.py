@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 
 from merging import MergeConfig, MergeError
 from merging.limits import check as check_limit, clamp_check, finite_number, whole_number
+from merging.placement import server_max_memory
 
 from merging.layer_values import layer_parameters
 
@@ -175,7 +176,8 @@ def run_sweep(recipe: str, parameter: str, first_layer: float, last_layer: float
 
         def build(point):
             SESSIONS.reserve(session, "sweep", plan_stages(point)[0].live_model_bytes + LIVE_CACHE_BYTES)
-            return LiveMerge(point, cache_budget_bytes=LIVE_CACHE_BYTES)
+            return LiveMerge(point, cache_budget_bytes=LIVE_CACHE_BYTES, max_memory=server_max_memory(),
+                             offload_folder=session.workdir() / "offload")
 
         rows: list[dict] = []
         figure, table, choices = gr.update(), [], gr.update()
