@@ -82,6 +82,8 @@ def main() -> None:
     from merging.demo import build_family
 
     family = {name: str(path) for name, path in build_family().items()}
+    # a running server has imported transformers' model code already: so does this process
+    LiveMerge(recipe(family, "task_arithmetic", 0.5, 0.5), device="cpu")
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     try:
         kinds = ("fused",) if args.skip_reference else ("reference", "fused")

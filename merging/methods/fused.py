@@ -141,12 +141,12 @@ def window_rule(base, model, start: int, stop: int, descending: bool, histogram)
 
     `histogram` gives the level-one counts of |d|'s bits >> 16 (65,536 bins; cached by
     the caller: it depends on the tensors only)."""
-    count = len(base)
     coarse = histogram()
     if descending:  # key = 0x7FFFFFFF - bits: high bins 0x7FFF - h, low bins 0xFFFF - l
         coarse = coarse[:0x8000][::-1]
-    return (*_prefix_edge(base, model, start, descending, coarse, count),
-            *_prefix_edge(base, model, stop, descending, coarse, count))
+    (start_edge, start_index), (stop_edge, stop_index) = _prefix_edges(base, model, (start, stop), descending,
+                                                                       coarse, len(base))
+    return start_edge, start_index, stop_edge, stop_index
 
 
 def key_histogram(base, model) -> np.ndarray:
@@ -154,49 +154,68 @@ def key_histogram(base, model) -> np.ndarray:
     return np.sum(_run(_histogram_kernel, len(base), base, model), axis=0).astype(np.int32)
 
 
-def _prefix_edge(base, model, rank: int, descending: bool, coarse, count: int) -> tuple[int, int]:
-    """(edge, index) of prefix(rank): the first `rank` entries in the order.
+def _prefix_edges(base, model, ranks: tuple, descending: bool, coarse, count: int) -> list[tuple[int, int]]:
+    """(edge, index) of prefix(rank) for each rank: the first `rank` entries in the order.
 
-    The coarse histogram names the bin of the rank-th key. A small bin is gathered in one
-    pass (its entries in index order); counting their low 16 bits finds the key, and index
-    order which of its ties come first. A crowded bin (an unchanged tensor's zeros, the
-    many equal magnitudes of bfloat16 task vectors) is counted instead: its low bits in one
-    pass, the edge's ties per chunk in another, then one chunk scanned."""
-    if rank <= 0:
-        return NO_EDGE, 0
-    if rank >= count:
-        return ALL_EDGE, 0
-    cumulative = np.cumsum(coarse, dtype=np.int64)
-    if cumulative[-1] != count:
+    The coarse histogram names the bin of each rank-th key. One pass over the tensor serves
+    every edge: a small bin is gathered (its entries in index order), and counting their
+    low 16 bits finds the key, index order which of its ties come first; a crowded bin (an
+    unchanged tensor's zeros, the many equal magnitudes of bfloat16 task vectors) has its
+    low bits counted instead, then one more pass counts each such edge's ties per chunk,
+    and one chunk is scanned."""
+    if int(coarse.sum()) != count:
         raise _changed_on_disk()
-    high = int(np.searchsorted(cumulative, rank))  # first bin whose running count reaches rank
-    before = int(cumulative[high - 1]) if high else 0
-    stored_high = 0x7FFF - high if descending else high
-    crowded = coarse[high] > max(CHUNK, count // 16)
+    edges: list = [None] * len(ranks)
+    pending = []  # (slot, rank, bin, entries before the bin, crowded)
+    for slot, rank in enumerate(ranks):
+        if rank <= 0:
+            edges[slot] = (NO_EDGE, 0)
+        elif rank >= count:
+            edges[slot] = (ALL_EDGE, 0)
+        else:
+            high, before = _locate(coarse, rank)
+            pending.append((slot, rank, high, before, coarse[high] > max(CHUNK, count // 16)))
+    if not pending:
+        return edges
+    stored_highs = np.array([0x7FFF - p[2] if descending else p[2] for p in pending], np.int64)
+    capacities = np.array([0 if p[4] else coarse[p[2]] for p in pending], np.int64)
+    parts = _run(_bins_kernel, count, base, model, stored_highs, capacities, 1 << 16 if any(p[4] for p in pending) else 1)
+    crowded = []  # (slot, bits, ties needed, edge)
+    for column, (slot, rank, high, before, is_crowded) in enumerate(pending):
+        if is_crowded:
+            fine = np.sum([part[3][column] for part in parts], axis=0)
+            if int(fine.sum()) != coarse[high]:
+                raise _changed_on_disk()
+        else:
+            if sum(part[2][column] for part in parts) != coarse[high]:
+                raise _changed_on_disk()
+            indices = np.concatenate([part[0][column, :part[2][column]] for part in parts])
+            lows = np.concatenate([part[1][column, :part[2][column]] for part in parts])
+            fine = np.bincount(lows, minlength=1 << 16)
+        low, within = _locate(fine[::-1] if descending else fine, rank - before)
+        needed = rank - before - within  # the first `needed` ties of the edge, in index order, are in the prefix
+        stored_bits = (int(stored_highs[column]) << 16) | (0xFFFF - low if descending else low)
+        edge = (high << 16) | low
+        if is_crowded:
+            crowded.append((slot, stored_bits, needed, edge))
+        else:
+            edges[slot] = (edge, int(indices[lows == (stored_bits & 0xFFFF)][needed - 1]) + 1)
     if crowded:
-        fine = np.sum(_run(_low_histogram_kernel, count, base, model, stored_high), axis=0)
-    else:
-        parts = _run(_gather_kernel, count, base, model, stored_high, int(coarse[high]))
-        if sum(p[2] for p in parts) != coarse[high]:
-            raise _changed_on_disk()
-        indices = np.concatenate([p[0][:p[2]] for p in parts])
-        lows = np.concatenate([p[1][:p[2]] for p in parts])
-        fine = np.bincount(lows, minlength=1 << 16)
-    if descending:
-        fine = fine[::-1]
-    fine = np.cumsum(fine)
-    low = int(np.searchsorted(fine, rank - before))
-    before += int(fine[low - 1]) if low else 0
-    needed = rank - before  # the first `needed` ties of the edge, in index order, are in the prefix
-    stored_bits = (stored_high << 16) | (0xFFFF - low if descending else low)
-    if not crowded:
-        return (high << 16) | low, int(indices[lows == (stored_bits & 0xFFFF)][needed - 1]) + 1
-    per_chunk = np.concatenate(_run(_tie_counts_kernel, count, base, model, stored_bits))
-    chunk = int(np.searchsorted(np.cumsum(per_chunk), needed))
-    needed -= int(per_chunk[:chunk].sum())
-    first = chunk * CHUNK
-    return (high << 16) | low, int(_nth_tie_kernel(base, model, stored_bits, needed, first,
-                                                   min(count, first + CHUNK))) + 1
+        bits = np.array([c[1] for c in crowded], np.int64)
+        per_chunk = np.concatenate(_run(_tie_counts_kernel, count, base, model, bits), axis=1)
+        for column, (slot, stored_bits, needed, edge) in enumerate(crowded):
+            chunk = int(np.searchsorted(np.cumsum(per_chunk[column]), needed))
+            needed -= int(per_chunk[column, :chunk].sum())
+            first = chunk * CHUNK
+            edges[slot] = (edge, int(_nth_tie_kernel(base, model, stored_bits, needed, first,
+                                                     min(count, first + CHUNK))) + 1)
+    return edges
+
+
+def _locate(counts: np.ndarray, rank: int) -> tuple[int, int]:
+    """(the first bin whose running count reaches `rank`, the count before it); the
+    callers' counts always hold at least `rank` entries."""
+    return tuple(int(v) for v in _locate_kernel(counts, rank))
 
 
 def _changed_on_disk() -> MergeError:
@@ -398,40 +417,50 @@ if njit is not None:
         return counts
 
     @njit(nogil=True, cache=True, error_model="numpy")
-    def _gather_kernel(base, model, high, capacity, start, stop):
-        """(indices, low 16 bits, count) of the entries whose |d| bits >> 16 are `high`."""
-        indices = np.empty(capacity, np.int64)
-        lows = np.empty(capacity, np.int64)
-        found = 0
+    def _bins_kernel(base, model, highs, capacities, width, start, stop):
+        """For each bin h = highs[s] of |d|'s bits >> 16: with a capacity, (indices, low 16
+        bits) of its entries in index order and their count; with capacity 0 (a crowded
+        bin), counts of their low 16 bits (`width` 65,536) instead."""
+        bins = len(highs)
+        indices = np.empty((bins, max(1, capacities.max())), np.int64)
+        lows = np.empty((bins, max(1, capacities.max())), np.int64)
+        found = np.zeros(bins, np.int64)
+        counts = np.zeros((bins, width), np.int64)
         base, model = base[start:stop], model[start:stop]
         for j in range(len(base)):
             bits = _order_key(_load(model, j) - _load(base, j), False)
-            if (bits >> 16) == high:
-                if found < capacity:  # the count came from a histogram: never write past it
-                    indices[found] = start + j
-                    lows[found] = bits & 0xFFFF
-                found += 1
-        return indices, lows, found
-
-    @njit(nogil=True, cache=True, error_model="numpy")
-    def _low_histogram_kernel(base, model, high, start, stop):
-        counts = np.zeros(1 << 16, np.int64)
-        base, model = base[start:stop], model[start:stop]
-        for j in range(len(base)):
-            bits = _order_key(_load(model, j) - _load(base, j), False)
-            if (bits >> 16) == high:
-                counts[bits & 0xFFFF] += 1
-        return counts
+            high = bits >> 16
+            for slot in range(bins):
+                if high == highs[slot]:
+                    if capacities[slot] == 0:
+                        counts[slot, bits & 0xFFFF] += 1
+                    else:
+                        if found[slot] < capacities[slot]:  # the count came from a histogram: never write past it
+                            indices[slot, found[slot]] = start + j
+                            lows[slot, found[slot]] = bits & 0xFFFF
+                        found[slot] += 1
+        return indices, lows, found, counts
 
     @njit(nogil=True, cache=True, error_model="numpy")
     def _tie_counts_kernel(base, model, bits, start, stop):
-        """How many entries of each CHUNK in [start, stop) have |d|'s bits equal to `bits`."""
-        counts = np.zeros((stop - start + CHUNK - 1) // CHUNK, np.int64)
+        """For each key bits[s]: how many entries of each CHUNK in [start, stop) have it."""
+        counts = np.zeros((len(bits), (stop - start + CHUNK - 1) // CHUNK), np.int64)
         base, model = base[start:stop], model[start:stop]
         for j in range(len(base)):
-            if _order_key(_load(model, j) - _load(base, j), False) == bits:
-                counts[j // CHUNK] += 1
+            key = _order_key(_load(model, j) - _load(base, j), False)
+            for slot in range(len(bits)):
+                if key == bits[slot]:
+                    counts[slot, j // CHUNK] += 1
         return counts
+
+    @njit(cache=True)
+    def _locate_kernel(counts, rank):
+        total = 0
+        for index in range(len(counts)):
+            if total + counts[index] >= rank:
+                return index, total
+            total += counts[index]
+        return -1, total
 
     @njit(nogil=True, cache=True, error_model="numpy")
     def _nth_tie_kernel(base, model, bits, n, start, stop):
