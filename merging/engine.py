@@ -126,7 +126,7 @@ def statistics_key(plan: MergePlan, task: TensorTask) -> tuple:
 def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed: int, *,
                   release: bool = True, statistics_cache: Optional[dict] = None,
                   scratch: Optional[Scratch] = None, cache: Optional[TensorCache] = None,
-                  destination: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+                  destination: Optional[torch.Tensor] = None, batch=None) -> Iterator[torch.Tensor]:
     """The task's output in float32 on `device`, as consecutive row blocks (integer
     buffers as stored). Sinks cast each block to `task.out_dtype`; a block may live in a
     reused buffer, so it must be consumed before the next one is asked for.
@@ -136,7 +136,9 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
     calls, so changing a parameter skips the pass that computes them; `cache` keeps what
     whole-tensor methods can reuse (pruning rules). `destination` is where the sink will
     put the tensor (a live model's parameter, of the task's shape): methods that can round
-    their result straight into it do, and then yield views of it (one pass less).
+    their result straight into it do, and then yield views of it (one pass less); with a
+    `batch` (methods.fused.SumBatch) those passes may wait there: the destination holds the
+    result once the batch has run.
     """
     inputs = TaskInputs(plan, task, device)
     step = inputs.block_rows()
@@ -183,6 +185,7 @@ def merged_blocks(plan: MergePlan, task: TensorTask, device: torch.device, seed:
         first = block.base if block.base is not None else block.models[0]
         if in_place:
             out = destination[start:start + step]
+            block.batch = batch
         elif elementwise.any_out_dtype and task.out_dtype.is_floating_point:  # rounded once, here
             out = scratch.take("out", first.shape, task.out_dtype)
         else:

@@ -19,6 +19,7 @@ import torch
 
 from .config import MergeConfig, MultiStageConfig, load_config
 from .engine import Scratch, merged_blocks, resolve_device
+from .methods.fused import SumBatch
 from .methods.registry import TensorCache
 from .errors import MergeError
 from .folder import resolve_chat_template
@@ -171,18 +172,12 @@ class LiveMerge:
         reference = plan.config.base_model or plan.config.referenced_models()[0]
         sink = ModelSink(model, plan.checkpoints[reference].layout.structure,
                          tensors=placed.tensors if placed is not None else None)
-        signatures = {}
-        for done, task in enumerate(plan.tasks):
+        for task in plan.tasks:
             if not sink.has(task.name):
                 raise MergeError(f"the {type(model).__name__} built from the merged config has no tensor "
                                  f"'{task.name}'")
-            sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
-                                                statistics_cache=self.statistics_cache, scratch=self.scratch,
-                                                cache=self.tensor_cache,
-                                                destination=sink.destination(task.name, self.device)))
-            signatures[task.name] = task_signature(plan, task, self.seed)
-            if progress is not None:
-                progress(done + 1, len(plan.tasks))
+        self._merge_tasks(plan, plan.tasks, sink, progress)
+        signatures = {task.name: task_signature(plan, task, self.seed) for task in plan.tasks}
         if placed is None and getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # (a placed model was tied before its weights were placed)
         model.eval()
@@ -276,15 +271,12 @@ class LiveMerge:
         sink = self.sink
         signatures = {task.name: task_signature(plan, task, self.seed) for task in plan.tasks}
         changed = [task for task in plan.tasks if self.signatures.get(task.name) != signatures[task.name]]
-        with torch.no_grad():
-            for done, task in enumerate(changed):
-                sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
-                                                    statistics_cache=self.statistics_cache,
-                                                    scratch=self.scratch, cache=self.tensor_cache,
-                                                    destination=sink.destination(task.name, self.device)))
-                self.signatures[task.name] = signatures[task.name]
-                if progress is not None:
-                    progress(done + 1, len(changed))
+        try:
+            self._merge_tasks(plan, changed, sink, progress)
+        except BaseException:
+            self.signatures = {}  # tensors may be half written: the next update recomputes every one
+            raise
+        self.signatures = signatures
         recomputed = len(changed)
         if plan.tokenizer_donor != self.plan.tokenizer_donor or config.chat_template != self.config.chat_template:
             self.tokenizer = self._tokenizer(plan)
@@ -292,6 +284,22 @@ class LiveMerge:
         self.last_stats = UpdateStats(recomputed, len(plan.tasks) - recomputed,
                                       time.perf_counter() - started, cache_bytes=self.cache_bytes)
         return self.last_stats
+
+    @torch.no_grad()
+    def _merge_tasks(self, plan: MergePlan, tasks: list[TensorTask], sink: ModelSink, progress=None) -> None:
+        """Merge `tasks` into the model's tensors where they live, calling progress(done, total).
+        On a CPU, slerp's and linear's passes into the parameters are gathered and run
+        together on every thread (methods.fused.SumBatch)."""
+        batch = SumBatch() if self.device.type == "cpu" else None
+        for done, task in enumerate(tasks):
+            sink.write(task.name, merged_blocks(plan, task, self.device, self.seed, release=False,
+                                                statistics_cache=self.statistics_cache, scratch=self.scratch,
+                                                cache=self.tensor_cache, batch=batch,
+                                                destination=sink.destination(task.name, self.device)))
+            if progress is not None:
+                progress(done + 1, len(tasks))
+        if batch is not None:
+            batch.run()  # the last gathered passes (at most `SumBatch.limit` entries: tens of ms)
 
     @property
     def cache_bytes(self) -> int:

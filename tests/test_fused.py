@@ -175,3 +175,21 @@ def test_a_histogram_that_no_longer_matches_the_weights_is_refused_not_overrun()
     stale[0] += coarse.sum() - stale.sum()  # the rest counted as the tiniest magnitudes
     with pytest.raises(MergeError, match="changed on disk"):
         fused.window_rule(base, model, 0, 20_000, True, lambda: stale)
+
+
+def test_a_batch_of_weighted_sums_equals_each_sum_alone():
+    """Passes gathered in a SumBatch (run largest first on two threads, and early when the
+    batch reaches its limit) leave every output as the pass alone would."""
+    generator = torch.Generator().manual_seed(5)
+    sizes = (3, 70_000, 5, 300_001, 1_000, 65_536)
+    for dtype in (torch.float32, torch.bfloat16):
+        pairs = [[torch.randn(n, generator=generator).to(dtype) for _ in range(2)] for n in sizes]
+        coefficients = [[0.25 + 0.1 * i, 0.6 - 0.05 * i] for i in range(len(sizes))]
+        alone = [fused.weighted_sum(p, c, torch.empty(len(p[0]), dtype=dtype)) for p, c in zip(pairs, coefficients)]
+        for limit in (1 << 27, 100_000):
+            batch = fused.SumBatch(threads=2, limit=limit)
+            outs = [fused.weighted_sum(p, c, torch.zeros(len(p[0]), dtype=dtype), batch)
+                    for p, c in zip(pairs, coefficients)]
+            batch.run()
+            assert not batch.jobs
+            assert all(torch.equal(a, b) for a, b in zip(alone, outs)), (dtype, limit)

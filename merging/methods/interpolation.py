@@ -35,14 +35,15 @@ def linear_coefficients(sums, inputs: TensorInputs) -> list[float]:
     return [w / total for w in weights]
 
 
-def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
+def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: torch.Tensor,
+                 batch=None) -> torch.Tensor:
     """sum_i c_i x_i, written into `out` by in-place float32 operations, so the arithmetic is
     float32 even when the x_i come in their (lower) storage dtype. On the CPU one fused pass
-    (methods.fused) computes the same, bitwise. A bfloat16 `out` (a live model's parameter)
-    gets the float32 sum rounded once."""
+    (methods.fused) computes the same, bitwise, now or with the other passes of `batch`. A
+    bfloat16 `out` (a live model's parameter) gets the float32 sum rounded once."""
     if fused.available(out) and fused.output_array(out) is not None and \
             all(t.device.type == "cpu" for t in tensors):
-        return fused.weighted_sum(tensors, coefficients, out)
+        return fused.weighted_sum(tensors, coefficients, out, batch)
     if out.dtype != torch.float32:
         return out.copy_(weighted_sum(tensors, coefficients, torch.empty_like(out, dtype=torch.float32)))
     out.copy_(tensors[0]).mul_(coefficients[0])
@@ -53,7 +54,7 @@ def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float], out: to
 
 def linear_combine(inputs: TensorInputs, coefficients: list[float], out: torch.Tensor) -> torch.Tensor:
     """Model soup: sum_i w_i x_i, divided by sum_i w_i when `normalize`."""
-    return weighted_sum(inputs.models, coefficients, out)
+    return weighted_sum(inputs.models, coefficients, out, inputs.batch)
 
 
 def slerp_statistics(inputs: TensorInputs) -> torch.Tensor:
@@ -212,7 +213,7 @@ register(Method(
     base=BASE_REQUIRED, min_models=1, max_models=1,
     elementwise=Elementwise(
         combine=lambda inputs, coefficients, out: weighted_sum([inputs.base, inputs.models[0]],
-                                                               list(coefficients), out),
+                                                               list(coefficients), out, inputs.batch),
         coefficients=lambda sums, inputs: slerp_coefficients(inputs.params["t"], slerp_cosine(sums)),
         statistics=slerp_statistics, stored_dtype_ok=True, any_out_dtype=True)))
 

@@ -106,6 +106,7 @@ class TensorInputs:
     keys: Optional[list] = None  # identities of models[i] and, last, of the base (for caching)
     cache: Optional["TensorCache"] = None
     out: Optional[torch.Tensor] = None  # where the result may go (a live parameter); see Method.merge
+    batch: Optional[Any] = None  # a fused.SumBatch that may compute a weighted sum into the live parameter later
 
     def per_model(self, key: str) -> list:
         return [p[key] for p in self.model_params]
