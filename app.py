@@ -100,6 +100,7 @@ def build_app(family: dict | None = None) -> gr.Blocks:
     from ui.lab import build_lab, forget_session
     from ui.moe_panel import build_moe_panel
     from ui.recipe_panel import build_recipe_panel
+    from ui.search_panel import build_search_panel
     from ui.sweep_panel import build_sweep_panel
 
     # Gradio's own copies of uploads and returned files are deleted an hour after they are made
@@ -109,6 +110,8 @@ def build_app(family: dict | None = None) -> gr.Blocks:
             lab_recipe, merge_after = build_lab(family)
         with gr.Tab("Sweep") as sweep_tab:
             build_sweep_panel(lab_recipe, family, merge_after, sweep_tab)
+        with gr.Tab("Search"):
+            build_search_panel(lab_recipe, family, merge_after)
         with gr.Tab("Mixture of experts"):
             moe_recipe = build_moe_panel(family)
         with gr.Tab("History"):

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m merging",
         description="Merge models from a mergekit YAML config into a Hugging Face model folder. "
                     "A config with 'experts' (mergekit-moe's format) builds a Mixtral mixture of experts. "
-                    "`python -m merging extract-lora MODEL BASE OUT --rank R` extracts a LoRA adapter.",
+                    "`python -m merging extract-lora MODEL BASE OUT --rank R` extracts a LoRA adapter; "
+                    "`python -m merging search RECIPE.yml --param ... --objective ...` searches a recipe's "
+                    "parameters (see python -m merging search --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="merge methods and their parameters:\n" + describe_methods())
     parser.add_argument("config", help="mergekit YAML config (several documents: a multi-stage merge)")
@@ -104,13 +106,20 @@ def _terminate(signum, frame) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    extracting = bool(argv) and argv[0] == "extract-lora"
-    parser = extract_parser() if extracting else build_parser()
-    args = parser.parse_args(argv[1:] if extracting else argv)
+    command = argv[0] if argv and argv[0] in ("extract-lora", "search") else None
+    if command == "search":
+        from .search_cli import run_search, search_parser
+
+        parser, runner = search_parser(), run_search
+    elif command == "extract-lora":
+        parser, runner = extract_parser(), run_extract
+    else:
+        parser, runner = build_parser(), run
+    args = parser.parse_args(argv[1:] if command else argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        return run_extract(args) if extracting else run(args)
+        return runner(args)
     except MergeError as error:
         if args.verbose:
             raise
@@ -118,7 +127,7 @@ def main(argv=None) -> int:
         print(f"error: {error}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interruption:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted" if command == "search" else "interrupted; nothing was written", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(interruption, Terminated) else signal.SIGINT)
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT) or args.verbose:

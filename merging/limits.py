@@ -48,7 +48,9 @@ LIMITS = {
     "score_lines": Limit(10_000, 200, "texts (lines) to score in a sweep"),
     "score_bytes": Limit(10 * MB, 256 * KB, "bytes of texts to score in a sweep", size=True),
     "sweep_points": Limit(101, 21, "points of a sweep"),
-    "probes": Limit(30, 30, "probes per skill in a sweep"),
+    "probes": Limit(30, 30, "probes per skill in a sweep or a search"),
+    "search_evaluations": Limit(1000, 40, "evaluations of one search"),
+    "search_dimensions": Limit(256, 16, "dimensions of one search (a gradient of K points counts K)"),
     "output_bytes": Limit(10_000 * GB, 16 * GB, "bytes one merge or MoE build may write to disk", size=True),
     "upload_bytes": Limit(100 * MB, 1 * MB, "bytes of one uploaded file", size=True),
     # the server's lifecycle

@@ -92,6 +92,8 @@ class Session:
     blind_order: Optional[list] = None  # pane labels of the last blind round, until a vote
     sweep_rows: list = field(default_factory=list)  # the last sweep's finished points
     stop_sweep: threading.Event = field(default_factory=threading.Event)  # the Stop button
+    search_result: Optional[object] = None  # the last search's evaluations (merging.search.SearchResult)
+    stop_search: threading.Event = field(default_factory=threading.Event)  # the search's Stop button
     lock: ReadWriteLock = field(default_factory=ReadWriteLock)
     held: dict = field(default_factory=dict)  # bytes of models held, by what ("live", "moe", "sweep")
     last_used: float = field(default_factory=time.monotonic)
@@ -103,7 +105,7 @@ class Session:
         return self.folder
 
     def free_models(self) -> None:
-        self.live = self.moe = None
+        self.live = self.moe = self.search_result = None
         self.sweep_rows = []
         self.held.clear()
 
