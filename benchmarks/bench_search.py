@@ -41,17 +41,20 @@ def scores(objectives, model, tokenizer) -> dict:
     return {o.name: o.scorer(model, tokenizer) for o in objectives}
 
 
-def disk_round_trip(candidate: str, objectives, work: Path) -> dict:
-    """How a search without a live model scores a candidate: write it, load it, score it."""
+def disk_round_trip(candidate: str, objectives, work: Path) -> tuple[dict, float]:
+    """How a search without a live model scores a candidate: write it, load it, score it.
+    Returns the scores and the seconds spent making the model (writing and loading)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = work / "candidate"
+    started = time.perf_counter()
     merge(candidate, out, device="cpu")
     model = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
+    making = time.perf_counter() - started
     result = scores(objectives, model, tokenizer)
     shutil.rmtree(out)
-    return result
+    return result, making
 
 
 def plot(sweep_rows, result, path: Path) -> None:
@@ -65,8 +68,15 @@ def plot(sweep_rows, result, path: Path) -> None:
     front = sorted(result.front, key=lambda e: e.scores["json probes"])
     figure.add_trace(go.Scatter(x=[e.scores["json probes"] for e in front], y=[e.scores["reverse probes"] for e in front],
                                 mode="lines+markers", name="Pareto front", marker={"color": "#d1495b", "size": 11}))
+    labels, seen = [], {}  # sweep points with equal scores share one label: "t=0-0.3"
+    for row in sweep_rows:
+        seen.setdefault((row["json probes"], row["reverse probes"]), []).append(row["t"])
+    for row in sweep_rows:
+        ts = seen[row["json probes"], row["reverse probes"]]
+        first = row["t"] == ts[0]
+        labels.append(("t=" + (f"{ts[0]:g}" if len(ts) == 1 else f"{ts[0]:g}-{ts[-1]:g}")) if first else "")
     figure.add_trace(go.Scatter(x=[r["json probes"] for r in sweep_rows], y=[r["reverse probes"] for r in sweep_rows],
-                                mode="lines+markers+text", name="t sweep", text=[f"t={r['t']:g}" for r in sweep_rows],
+                                mode="lines+markers+text", name="t sweep", text=labels,
                                 textposition="top right", marker={"color": "#00798c", "size": 8}))
     best = result.best
     figure.add_trace(go.Scatter(x=[best.scores["json probes"]], y=[best.scores["reverse probes"]], mode="markers",
@@ -126,14 +136,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mergelab-search-bench-"))
     try:
         started = time.perf_counter()
-        on_disk = [disk_round_trip(candidate, objectives, work) for candidate in candidates]
+        round_trips = [disk_round_trip(candidate, objectives, work) for candidate in candidates]
         disk_seconds = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    on_disk = [scores_ for scores_, _ in round_trips]
+    disk_making = sum(making for _, making in round_trips)
     started = time.perf_counter()
-    in_place = []
+    in_place, live_making = [], 0.0
     for candidate in candidates:
+        began = time.perf_counter()
         live.update(candidate)
+        live_making += time.perf_counter() - began
         in_place.append(scores(objectives, live.model, live.tokenizer))
     live_seconds = time.perf_counter() - started
     assert in_place == on_disk, (in_place, on_disk)
@@ -150,10 +164,12 @@ def main() -> None:
           f"{result.seconds:.0f} s |")
     print(f"\nPareto front: {len(result.front)} evaluations: " + "; ".join(
         f"#{e.index} ({e.scores['json probes']:.2f}, {e.scores['reverse probes']:.2f})" for e in result.front))
-    print("\n| how each candidate is scored | 4 candidates | evaluations a minute |")
-    print("|---|---|---|")
-    print(f"| re-merged in place (MergeLab's search) | {live_seconds:.1f} s | {4 * 60 / live_seconds:.1f} |")
-    print(f"| written by merge(), loaded with from_pretrained | {disk_seconds:.1f} s | {4 * 60 / disk_seconds:.1f} |")
+    print("\n| how each candidate is made | 4 candidates | of which making the models | evaluations a minute |")
+    print("|---|---|---|---|")
+    print(f"| re-merged in place (MergeLab's search) | {live_seconds:.1f} s | {live_making:.2f} s | "
+          f"{4 * 60 / live_seconds:.1f} |")
+    print(f"| written by merge(), loaded with from_pretrained | {disk_seconds:.1f} s | {disk_making:.2f} s | "
+          f"{4 * 60 / disk_seconds:.1f} |")
     print(f"\nthe same scores both ways; the sweep's rows: " + ", ".join(
         f"t={r['t']:g}: {r['json probes']:.2f}/{r['reverse probes']:.2f}" for r in sweep_rows))
     if args.plot:

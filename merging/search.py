@@ -406,6 +406,8 @@ def iter_search(space: Space, objectives: list[Objective], budget: Budget, *, se
         raise MergeError("two objectives have the same name")
     if combine not in ("sum", "min"):
         raise MergeError(f"objectives combine by 'sum' or 'min', not '{combine}'")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32 - 1:
+        raise MergeError(f"the search's seed is {seed!r}; it is a whole number from 0 to {2**32 - 2}")
     if population is not None and not 2 <= population <= 256:
         raise MergeError(f"a generation of {population} candidates: between 2 and 256")
     return _search(space, objectives, budget, seed, combine, population,

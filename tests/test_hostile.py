@@ -624,7 +624,12 @@ def test_absurd_numbers_and_types_are_refused_in_one_line(world):
                   ("sweep", [lab, "t", 0, 0, 0, 1, 2, "hi", None, "", None, [], value]),
                   ("moe_recipe", [world.demo("json"), "random", value, "bfloat16", world.demo("reverse"), "x", ""]
                    + [""] * 9),
-                  ("restore", [value]), ("sweep_point", [value]), ("vote", [value])]
+                  ("search", [lab, "t", ["json skill"], value, "", 2, 0, "min"]),
+                  ("search", [lab, "t", ["json skill"], 2, "", value, 0, "min"]),
+                  ("search", [lab, "t", ["json skill"], 2, "", 2, value, "min"]),
+                  ("search", [lab, "t", ["json skill"], 2, "", 2, 0, value]),
+                  ("search", [lab, value, ["json skill"], 2, "", 2, 0, "min"]),
+                  ("restore", [value]), ("sweep_point", [value]), ("search_point", [value]), ("vote", [value])]
 
     def attempt(case):
         api_name, data = case

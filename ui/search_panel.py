@@ -87,8 +87,9 @@ def search_figure(result) -> go.Figure:
         figure.add_trace(go.Scatter(x=[best.scores[x]], y=[best.scores[y]], mode="markers", name="best",
                                     marker={"symbol": "star", "size": 16, "color": "#edae49"}))
         figure.update_layout(xaxis={"title": {"text": x}}, yaxis={"title": {"text": y}})
+    # the legend in the top margin, right of the plot's own label
     figure.update_layout(height=380, margin={"l": 60, "r": 30, "t": 50, "b": 40},
-                         legend={"orientation": "h", "xref": "container", "x": 0.01, "yref": "container",
+                         legend={"orientation": "h", "xref": "container", "x": 0.14, "yref": "container",
                                  "y": 0.99, "yanchor": "top"})
     return figure
 
@@ -121,7 +122,9 @@ def run_search(recipe: str, parameters: str, probe_sets: list, probe_count: floa
     from .lab import LIVE_CACHE_BYTES
 
     config = _config(recipe)
-    specs = text_lines(parameters or "")
+    if not isinstance(parameters, str):
+        raise MergeError("the parameters to search are text, one a line")
+    specs = text_lines(parameters)
     if len(specs) > MOST_PARAMETERS:
         raise MergeError(f"{len(specs)} parameters to search; at most {MOST_PARAMETERS}")
     space = parse_space(config, specs)  # every parameter checked, and the candidates' recipes
@@ -130,6 +133,8 @@ def run_search(recipe: str, parameters: str, probe_sets: list, probe_count: floa
         raise MergeError("combine the objectives by their sum or their minimum")
     objectives = search_objectives(config, probe_sets, probe_count, texts)
     seed = whole_number(seed, "seed", minimum=0)
+    if seed >= 2**32 - 1:
+        raise MergeError(f"the seed must be below {2**32 - 1}")
     with SESSIONS.use(session_hash(request)) as session:
         session.stop_search.clear()
         session.search_result = None
