@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
+
 from .config import MergeConfig, load_config
 from .errors import MergeError
 
@@ -421,7 +423,11 @@ def _empty_result(objectives: list[Objective]) -> SearchResult:
 def _search(space, objectives, budget, seed, combine, population, evaluator, history, user):
     cma = _cma()
     result = _empty_result(objectives)
-    options = {"bounds": [0.0, 1.0], "seed": seed + 1, "verbose": -9, "tolx": 1e-4, "tolfun": 1e-6}
+    # CMA-ES's draws come from this search's own generator: pycma's `seed` would reseed numpy's
+    # global one, which other requests (and other searches) share
+    generator = np.random.default_rng(seed)
+    options = {"bounds": [0.0, 1.0], "seed": float("nan"), "randn": lambda *shape: generator.standard_normal(shape),
+               "verbose": -9, "tolx": 1e-4, "tolfun": 1e-6}
     if population:
         options["popsize"] = population
     # pycma's one-dimensional case fails inside its step-size adaptation ("not yet initialized

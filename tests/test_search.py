@@ -59,6 +59,13 @@ def test_the_search_finds_the_optimum_and_repeats_with_its_seed(tiny):
     assert abs(first.best.values["t"] - 0.3) < 0.02, first.best.values
     again = search(space, objectives, Budget(evaluations=24), seed=3, device="cpu")
     assert [(e.values, e.scores) for e in again.evaluations] == [(e.values, e.scores) for e in first.evaluations]
+    import numpy as np
+
+    np.random.seed(99)  # numpy's global generator is neither used nor touched
+    state = np.random.get_state()[1].copy()
+    also = search(space, objectives, Budget(evaluations=24), seed=3, device="cpu")
+    assert (np.random.get_state()[1] == state).all()
+    assert [e.values for e in also.evaluations] == [e.values for e in first.evaluations]
     other = search(space, objectives, Budget(evaluations=24), seed=4, device="cpu")
     assert [e.values for e in other.evaluations] != [e.values for e in first.evaluations]
     # the best candidate's recipe merges to the weights it was scored on
