@@ -211,3 +211,14 @@ def test_ray_workers_give_the_same_search_and_survive_a_lost_worker(tiny, tmp_pa
     assert (tmp_path / "died").exists()  # one worker did die mid-evaluation
     assert [(e.values, e.scores) for e in distributed.evaluations] == \
         [(e.values, e.scores) for e in local.evaluations]
+
+    # the command line on two local workers prints the table one process prints
+    config = tmp_path / "recipe.yml"
+    config.write_text(recipe(tiny))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat on the mat\nthe dog ran\n")
+    common = ["search", str(config), "--param", "t@points:2", "--objective", f"perplexity:{texts}", "--budget", "6",
+              "--no-history"]
+    alone, spread = run_cli(*common), run_cli(*common, "--ray-workers", "2")
+    assert alone.returncode == 0 and spread.returncode == 0, spread.stderr[-2000:]
+    assert spread.stdout == alone.stdout
