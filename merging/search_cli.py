@@ -38,7 +38,9 @@ def search_parser() -> argparse.ArgumentParser:
                                           "(default ~/.cache/mergelab/history.sqlite)")
     parser.add_argument("--no-history", action="store_true", help="record nothing, read nothing back")
     parser.add_argument("--ray-address", help="spread the evaluations over the Ray cluster at HOST:PORT")
-    parser.add_argument("--ray-workers", type=int, help="spread them over N local Ray workers")
+    parser.add_argument("--ray-workers", type=int,
+                        help="Ray workers, each holding a live model: without --ray-address, N workers on this "
+                             "machine; with it, N on the cluster (default: one per GPU, else 2)")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
     return parser
 
@@ -50,8 +52,6 @@ def run_search(args) -> int:
 
     budget = Budget(args.budget if args.budget is not None or args.seconds is not None else 40, args.seconds)
     budget.check()
-    if args.ray_address and args.ray_workers:
-        raise MergeError("give --ray-address or --ray-workers, not both")
     space = parse_space(args.config, args.param)
     objectives = [parse_objective(spec) for spec in args.objective]
     out_dir = Path(args.out_dir) if args.out_dir else None
@@ -66,7 +66,7 @@ def run_search(args) -> int:
     if args.ray_address or args.ray_workers:
         from .search_ray import RayEvaluator
 
-        evaluator = RayEvaluator(objectives, address=args.ray_address, workers=args.ray_workers or 2)
+        evaluator = RayEvaluator(objectives, address=args.ray_address, workers=args.ray_workers)
     total = budget.evaluations
     bar = tqdm(total=total, unit="eval", desc="searching", file=sys.stderr, dynamic_ncols=True)
 

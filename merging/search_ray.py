@@ -4,8 +4,8 @@
     result = search(space, objectives, budget, evaluator=evaluator)
     evaluator.close()
 
-The driver runs CMA-ES; each worker (a Ray actor, one per GPU when the cluster has GPUs,
-else one per CPU asked for) holds its own LiveMerge of the sources and re-merges it in
+The driver runs CMA-ES; each worker (a Ray actor: by default one per GPU when the cluster
+has GPUs, else 2) holds its own LiveMerge of the sources and re-merges it in
 place for every candidate it is given. A generation's candidates go to the workers as they
 become free; an evaluation whose worker dies is given to another one (a new worker replaces
 the lost one). Scores depend only on a candidate's weights, so the search proposes, scores
@@ -72,11 +72,13 @@ class RayEvaluator:
 
     parallel = True
 
-    def __init__(self, objectives, *, address: Optional[str] = None, workers: int = 2):
+    def __init__(self, objectives, *, address: Optional[str] = None, workers: Optional[int] = None):
+        """`workers`: how many (each holds a live model): on this machine 2 by default; on a
+        cluster one per GPU by default, else 2."""
+        if workers is not None and (isinstance(workers, bool) or not 1 <= workers <= 256):
+            raise MergeError(f"{workers} Ray workers: between 1 and 256")
         if address is not None:
             check_address(address)
-        elif not 1 <= workers <= 64:
-            raise MergeError(f"{workers} Ray workers: between 1 and 64 on this machine")
         ray = _ray()
         self.ray = ray
         self.started_here = not ray.is_initialized()
@@ -87,11 +89,10 @@ class RayEvaluator:
                          log_to_driver=False)
             else:  # workers on this machine import it from here
                 path = os.pathsep.join(filter(None, [str(package.parent), os.environ.get("PYTHONPATH")]))
-                ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                ray.init(num_cpus=workers or 2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                          runtime_env={"env_vars": {"PYTHONPATH": path}})
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.count = gpus if gpus else (workers if address is None else max(1, cpus))
+        self.count = workers or gpus or 2
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
         self.device = "cuda" if gpus else "cpu"
         self.actor_class = ray.remote(**options)(_Worker)
