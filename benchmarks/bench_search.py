@@ -84,6 +84,7 @@ def plot(sweep_rows, result, path: Path) -> None:
                                                                             "color": "#edae49"}))
     figure.update_layout(title="Demo family: slerp json -> reverse, held-out probe accuracy",
                          xaxis_title="json probes", yaxis_title="reverse probes", width=900, height=620,
+                         xaxis_range=[-0.05, 1.15],  # room for the labels of the points at 1
                          template="plotly_white")
     html = path.with_suffix(".html")
     figure.write_html(html, include_plotlyjs=True)
@@ -170,7 +171,7 @@ def main() -> None:
           f"{4 * 60 / live_seconds:.1f} |")
     print(f"| written by merge(), loaded with from_pretrained | {disk_seconds:.1f} s | {disk_making:.2f} s | "
           f"{4 * 60 / disk_seconds:.1f} |")
-    print(f"\nthe same scores both ways; the sweep's rows: " + ", ".join(
+    print("\nthe same scores both ways; the sweep's rows: " + ", ".join(
         f"t={r['t']:g}: {r['json probes']:.2f}/{r['reverse probes']:.2f}" for r in sweep_rows))
     if args.plot:
         plot(sweep_rows, result, args.plot)

@@ -8,7 +8,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 from helpers import run_cli
 from merging.errors import MergeError
