@@ -117,13 +117,14 @@ def sweep_figure(rows: list[dict], names: list[str], parameter: str) -> go.Figur
         figure.add_trace(go.Scatter(x=[r["value"] for r in rows], y=[r[name] for r in rows], name=name,
                                     mode="lines+markers", yaxis="y2" if accuracy else "y",
                                     line={"dash": "dot" if accuracy else "solid"}))
-    # the legend in the top margin, above the data; axes grow their margins for whole titles
+    # the legend in the top margin, above the data and right of the plot's own label; axes grow
+    # their margins for whole titles
     figure.update_layout(xaxis={"title": {"text": parameter}, "automargin": True}, height=360,
                          margin={"l": 60, "r": 60, "t": 50, "b": 40},
                          yaxis={"title": {"text": "perplexity"}, "type": "log", "automargin": True},
                          yaxis2={"title": {"text": "probe accuracy"}, "overlaying": "y", "side": "right",
                                  "range": [0, 1.05], "automargin": True},
-                         legend={"orientation": "h", "xref": "container", "x": 0.01, "yref": "container",
+                         legend={"orientation": "h", "xref": "container", "x": 0.17, "yref": "container",
                                  "y": 0.99, "yanchor": "top"})
     return figure
 
