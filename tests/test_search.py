@@ -164,7 +164,7 @@ def test_two_objectives_give_their_pareto_front(tiny):
     assert abs(result.best.values["t"] - 0.5) < 0.05  # the best worst case is halfway
 
 
-def test_the_command_line_searches_and_says_what_is_wrong_in_one_line(tiny, tmp_path):
+def test_the_command_line_searches_and_says_what_is_wrong_in_one_line(tiny, tmp_path, capsys):
     config = tmp_path / "recipe.yml"
     config.write_text(recipe(tiny))
     texts = tmp_path / "texts.txt"
@@ -181,6 +181,9 @@ def test_the_command_line_searches_and_says_what_is_wrong_in_one_line(tiny, tmp_
     assert "6 evaluations (6 read back from the history)" in again.stderr
     assert again.stdout == done.stdout
 
+    # mistakes, in this process (the same main() as `python -m merging`): one line each, exit 2
+    from merging.__main__ import main
+
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     for extra, said in [(["--param", "density"], "slerp has no numeric parameter 'density'"),
@@ -190,10 +193,10 @@ def test_the_command_line_searches_and_says_what_is_wrong_in_one_line(tiny, tmp_
         arguments = {"--param": "t", "--objective": f"perplexity:{texts}", "--budget": "3"}
         arguments.update(dict(zip(extra[::2], extra[1::2])))
         flat = [item for pair in arguments.items() for item in pair]
-        failed = run_cli("search", str(config), *flat, "--no-history")
-        assert failed.returncode == 2
-        assert failed.stderr.strip().splitlines()[-1] == f"error: {failed.stderr.strip().splitlines()[-1][7:]}"
-        assert said in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+        capsys.readouterr()
+        assert main(["search", str(config), *flat, "--no-history"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], lines
 
 
 def test_ray_workers_give_the_same_search_and_survive_a_lost_worker(tiny, tmp_path):
@@ -211,13 +214,3 @@ def test_ray_workers_give_the_same_search_and_survive_a_lost_worker(tiny, tmp_pa
     assert [(e.values, e.scores) for e in distributed.evaluations] == \
         [(e.values, e.scores) for e in local.evaluations]
 
-    # the command line on two local workers prints the table one process prints
-    config = tmp_path / "recipe.yml"
-    config.write_text(recipe(tiny))
-    texts = tmp_path / "texts.txt"
-    texts.write_text("the cat sat on the mat\nthe dog ran\n")
-    common = ["search", str(config), "--param", "t@points:2", "--objective", f"perplexity:{texts}", "--budget", "6",
-              "--no-history"]
-    alone, spread = run_cli(*common), run_cli(*common, "--ray-workers", "2")
-    assert alone.returncode == 0 and spread.returncode == 0, spread.stderr[-2000:]
-    assert spread.stdout == alone.stdout
