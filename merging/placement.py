@@ -79,7 +79,6 @@ class Placed:
     """A model dispatched across devices, and where each of its weights' values live."""
 
     device_map: dict[str, Union[int, str]]
-    execution_device: torch.device
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     offload_folder: Optional[Path] = None
 
@@ -131,7 +130,7 @@ def place(model: torch.nn.Module, max_memory: MaxMemory, dtype: torch.dtype,
                                        dtype=dtype)
     gpus = sorted({d for d in device_map.values() if isinstance(d, int)})
     execution = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
-    placed = Placed(device_map, execution)
+    placed = Placed(device_map)
 
     index: dict[str, dict] = {}
     first_name: dict[int, str] = {}  # tied weights (an lm_head sharing the embedding): one tensor, two names

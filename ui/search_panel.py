@@ -13,13 +13,13 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from merging import MergeConfig, MergeError
-from merging.limits import check as check_limit, clamp_check, whole_number
+from merging.limits import clamp_check, whole_number
 from merging.placement import server_max_memory
 
 from .common import gpu, handler, heavy_queue, read_recipe, session_hash, text_lines, user_key
 from .session import SESSIONS, history
+from .sweep_panel import PROBE_SETS
 
-PROBE_SETS = ("json skill", "reverse skill")
 MOST_PARAMETERS = 8
 
 
@@ -28,34 +28,16 @@ def _config(recipe: str) -> MergeConfig:
 
 
 def search_objectives(config: MergeConfig, probe_sets, probe_count, texts: str) -> list:
-    """The objectives asked for, each checked before any work."""
-    from merging.demo_skills import probes
-    from merging.evaluate import perplexity_scorer, probe_scorer, tokenize_texts
+    """The objectives asked for, each checked before any work (the sweep's scorers: probe sets
+    by accuracy, the texts by perplexity, lower better)."""
     from merging.search import Objective
 
-    objectives = []
-    count = clamp_check("probes", probe_count, "probes per set", minimum=1)
-    for probe_set in probe_sets or []:
-        if probe_set not in PROBE_SETS:
-            raise MergeError(f"unknown probe set '{probe_set}'")
-        skill = probe_set.split()[0]
-        objectives.append(Objective(f"{skill} probes", probe_scorer(probes(skill, count))))
-    size = len((texts or "").encode("utf-8", "replace"))
-    check_limit("score_bytes", size, f"the texts to score are {size} bytes")
-    lines = text_lines(texts or "")
-    if lines:
-        check_limit("score_lines", len(lines), f"there are {len(lines)} texts to score")
-        from transformers import AutoTokenizer
+    from .sweep_panel import _scorers
 
-        from merging.pipeline import plan_stages
-
-        plan = plan_stages(config)[0]
-        if plan.tokenizer_donor is None:
-            raise MergeError("the models have no tokenizer to score texts with")
-        tokenize_texts(AutoTokenizer.from_pretrained(plan.checkpoints[plan.tokenizer_donor].folder), lines)
-        objectives.append(Objective("ppl texts", perplexity_scorer(lines), maximize=False))
-    if not objectives:
-        raise MergeError("pick a probe set or give texts for perplexity: the search needs something to score")
+    scorers = _scorers(config, texts, None, "", None, probe_sets, probe_count)
+    objectives = [Objective(name, scorer) for name, scorer in scorers.items() if name.endswith("probes")]
+    if "ppl A" in scorers:
+        objectives.append(Objective("ppl texts", scorers["ppl A"], maximize=False))
     return objectives
 
 

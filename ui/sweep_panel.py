@@ -97,7 +97,7 @@ def _scorers(config: MergeConfig, texts_a, upload_a, texts_b, upload_b, probe_se
         skill = probe_set.split()[0]
         scorers[f"{skill} probes"] = probe_scorer(probes(skill, count))
     if not scorers:
-        raise MergeError("give some texts for perplexity or pick a probe set to score the points with")
+        raise MergeError("give some texts for perplexity or pick a probe set: there is nothing to score with")
     return scorers
 
 
